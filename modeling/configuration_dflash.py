@@ -1,0 +1,138 @@
+"""Configuration of a DFlash block-diffusion drafter.
+
+A DFlash drafter is a small stack of Qwen3-style decoder layers. Its config is therefore a `Qwen3Config` with a few
+extra fields that say how it reads its target:
+
+- `target_layer_ids`: the target decoder layers whose outputs are concatenated into the context features.
+- `mask_token_id`: the target vocabulary id whose embedding fills the masked slots of a draft block.
+- `block_size`: tokens per draft block (anchor + `block_size - 1` drafts).
+- optional `input_embedding_scale`, `output_multiplier`, `final_logit_softcapping`, `is_causal`.
+
+Released z-lab checkpoints nest `mask_token_id` and `target_layer_ids` (and sometimes the optional keys) in a
+`dflash_config` dict and use `model_type: "qwen3"`. This class accepts that layout as it is and exposes every field at
+the top level as well, which is what transformers' native DFlash route reads.
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen3Config
+
+# Keys that may sit either in `dflash_config` or at the top level of config.json; `dflash_config` wins (as in z-lab's
+# reference code and SGLang).
+DFLASH_KEYS = (
+    "mask_token_id",
+    "target_layer_ids",
+    "block_size",
+    "num_target_layers",
+    "input_embedding_scale",
+    "output_multiplier",
+    "final_logit_softcapping",
+    "is_causal",
+)
+
+
+def build_target_layer_ids(num_target_layers: int, num_context_layers: int) -> list[int]:
+    """The published spread rule for `target_layer_ids`.
+
+    `n == 1` gives the middle layer; otherwise ids run from 1 to `L - 3` evenly, rounded with Python's round-half-even
+    (which reproduces every released list, e.g. L=36, n=5 -> [1, 9, 17, 25, 33]).
+    """
+    if num_target_layers < 4 and num_context_layers > 1:
+        raise ValueError(
+            f"num_target_layers={num_target_layers} is too shallow for the spread rule with {num_context_layers} "
+            "context layers; pass target_layer_ids explicitly."
+        )
+    if num_context_layers == 1:
+        return [num_target_layers // 2]
+    span = num_target_layers - 4
+    return [int(round(1 + i * span / (num_context_layers - 1))) for i in range(num_context_layers)]
+
+
+class DFlashConfig(Qwen3Config):
+    r"""Config of a [`DFlashDraftModel`].
+
+    Args:
+        block_size (`int`, *optional*, defaults to 16): tokens per draft block, anchor included.
+        target_layer_ids (`list[int]`, *optional*): target decoder layers read as context. Missing ids fall back to
+            the spread rule over `num_target_layers` with `num_context_layers` (default 5) ids.
+        mask_token_id (`int`, *optional*): target vocabulary id of the mask embedding.
+        num_target_layers (`int`, *optional*): depth of the target; used only by the spread-rule fallback.
+        dflash_config (`dict`, *optional*): z-lab's nested form of the DFlash keys; takes precedence over the
+            top-level keys.
+        input_embedding_scale (`float`, *optional*): if set, the block embedding is the target's **raw** embedding
+            row times this factor; if unset, the target's embedding module is called (so a Gemma target applies its
+            own `sqrt(hidden_size)` scale). Either way the scale is applied exactly once.
+        output_multiplier (`float`, *optional*): multiplies the draft logits.
+        final_logit_softcapping (`float`, *optional*): `cap * tanh(logits / cap)` on the draft logits.
+        is_causal (`bool`, *optional*): overrides the per-layer default (sliding layers causal, full layers not).
+        draft_window (`int`, *optional*): runtime bound on the draft KV cache (context rows kept), our addition.
+    """
+
+    model_type = "dflash_draft"
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        target_layer_ids: list[int] | None = None,
+        mask_token_id: int | None = None,
+        num_target_layers: int | None = None,
+        dflash_config: dict | None = None,
+        input_embedding_scale: float | None = None,
+        output_multiplier: float | None = None,
+        final_logit_softcapping: float | None = None,
+        is_causal: bool | None = None,
+        num_context_layers: int = 5,
+        draft_window: int | None = None,
+        **kwargs,
+    ):
+        top_level = {
+            "block_size": block_size,
+            "target_layer_ids": target_layer_ids,
+            "mask_token_id": mask_token_id,
+            "num_target_layers": num_target_layers,
+            "input_embedding_scale": input_embedding_scale,
+            "output_multiplier": output_multiplier,
+            "final_logit_softcapping": final_logit_softcapping,
+            "is_causal": is_causal,
+        }
+        nested = dict(dflash_config or {})
+        for key in DFLASH_KEYS:
+            value = nested.get(key, top_level[key])
+            setattr(self, key, value)
+        self.block_size = int(self.block_size) if self.block_size is not None else 16
+        if self.target_layer_ids is None and self.num_target_layers is not None:
+            self.target_layer_ids = build_target_layer_ids(int(self.num_target_layers), num_context_layers)
+        if self.target_layer_ids is not None:
+            self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        self.num_context_layers = len(self.target_layer_ids) if self.target_layer_ids else num_context_layers
+        self.draft_window = draft_window
+        # Keep the nested dict in sync so that what we save still reads correctly in vLLM / SGLang / z-lab code.
+        nested.update({k: getattr(self, k) for k in ("mask_token_id", "target_layer_ids") if getattr(self, k) is not None})
+        self.dflash_config = nested
+
+        # Qwen3Config drops `sliding_window` unless `use_sliding_window` is set, but released drafters mark their
+        # sliding layers through `layer_types` alone; keep the window those layers need.
+        sliding_window = kwargs.get("sliding_window")
+        layer_types = kwargs.get("layer_types")
+        super().__init__(**kwargs)
+        if layer_types is not None and "sliding_attention" in layer_types and sliding_window is not None:
+            self.sliding_window = sliding_window
+        if "sliding_attention" in (self.layer_types or []) and self.sliding_window is None:
+            raise ValueError(
+                f"layer_types {self.layer_types} has sliding layers but sliding_window is None; set sliding_window."
+            )
+
+    def layer_is_causal(self, layer_idx: int) -> bool:
+        """Sliding layers are causal, full layers bidirectional, unless `is_causal` overrides all (z-lab ref-v2)."""
+        if self.is_causal is not None:
+            return bool(self.is_causal)
+        return self.layer_type(layer_idx) == "sliding_attention"
+
+    def layer_type(self, layer_idx: int) -> str:
+        return self.layer_types[layer_idx] if self.layer_types else "full_attention"
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        return self.sliding_window if self.layer_type(layer_idx) == "sliding_attention" else None
+
+
+__all__ = ["DFlashConfig", "build_target_layer_ids"]

@@ -1,0 +1,374 @@
+"""DFlash block-diffusion drafter (Chen, Liang, Liu 2026, arXiv 2602.06036), as transformers remote code.
+
+One forward of this model drafts a whole block: the block `[anchor, MASK x (B-1)]` is embedded with the **target's**
+embedding, every layer attends over `[context ; block]` where the context keys/values come from the target's hidden
+states (projected once by `fc` + `hidden_norm`), and output row `k` (k >= 1), through the **target's** LM head, is the
+token at position `start + k`. The weights follow z-lab's released layout (`fc`, `hidden_norm`, `layers.N.*`, `norm`,
+no embedding, no head), so vLLM and SGLang load what we save.
+
+Importing this module also teaches `target.generate(assistant_model=drafter)` to draft whole blocks
+(see `generation_dflash.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.qwen3.modeling_qwen3 import (
+    ALL_ATTENTION_FUNCTIONS,
+    Qwen3MLP,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    eager_attention_forward,
+    rotate_half,
+)
+
+from .configuration_dflash import DFlashConfig
+from .generation_dflash import DFlashStats, dflash_spec_generate, install_generate_integration
+
+
+def _attention_interface(implementation: str | None) -> Callable:
+    """transformers' attention function for `implementation` (5.x `get_interface`, 4.57 plain dict lookup)."""
+    if implementation in (None, "eager"):
+        return eager_attention_forward
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get_interface is not None:
+        return get_interface(implementation, eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+class DFlashDraftCache:
+    """Per-layer K/V of the drafter's context rows: `[batch, kv_heads, seq, head_dim]` per layer.
+
+    Between two draft calls it holds one row per committed token (block rows are cropped away right after each
+    call). `window`, when set, bounds memory by keeping only the newest `window` context rows; the positions stay
+    right because RoPE is applied before caching.
+    """
+
+    def __init__(self, window: int | None = None):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.window = window
+        # Rows dropped from the front by the window: absolute key index = cached index + offset.
+        self.offset = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        if len(self.keys) <= layer_idx:
+            self.keys.append(key)
+            self.values.append(value)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] + self.offset if len(self.keys) > layer_idx else 0
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` absolute rows (then apply the window)."""
+        keep = max(length - self.offset, 0)
+        drop_front = 0
+        if self.window is not None and keep > self.window:
+            drop_front = keep - self.window
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i][..., drop_front:keep, :]
+            self.values[i] = self.values[i][..., drop_front:keep, :]
+        self.offset += drop_front
+
+
+def apply_rotary_to_block(q, k, cos, sin):
+    """RoPE with `cos/sin` covering all keys `[ctx ; block]`; queries take the last `q_len` rows."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    q_len = q.shape[-2]
+    q_cos, q_sin = cos[..., -q_len:, :], sin[..., -q_len:, :]
+    return q * q_cos + rotate_half(q) * q_sin, k * cos + rotate_half(k) * sin
+
+
+def build_block_attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    key_padding: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Additive mask `[batch or 1, 1, q_len, kv_len]` for block queries over `[cached ; ctx ; block]` keys.
+
+    Keys are indexed by cache row, and the block queries are the last `q_len` rows. Full layers see every valid key;
+    causal sliding layers see key `j` from query `i` iff `j <= i` and `i - j < window` (HF windows include the
+    current token). `key_padding` is `[batch, kv_len]`, 1 for real keys. Returns None when nothing is masked.
+    """
+    if not causal and window is None and key_padding is None:
+        return None
+    query_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    key_idx = torch.arange(kv_len, device=device)[None, :]
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        visible &= key_idx <= query_idx
+    if window is not None:
+        visible &= (query_idx - key_idx) < window
+        if not causal:
+            visible &= (key_idx - query_idx) < window
+    visible = visible[None, None]
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, None, -kv_len:].bool()
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+class DFlashAttention(nn.Module):
+    """Qwen3 attention with KV injection: keys/values over `[context ; block]`, queries over the block only."""
+
+    def __init__(self, config: DFlashConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # Read by transformers' sdpa/flash wrappers when no mask is passed.
+        self.is_causal = config.layer_is_causal(layer_idx)
+        self.sliding_window = config.layer_window(layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states `[batch, block, hidden]`, context `[batch, n_ctx, hidden]` -> `[batch, block, hidden]`."""
+        batch, q_len, _ = hidden_states.shape
+        kv_input = torch.cat([context, hidden_states], dim=1)  # [batch, n_ctx + block, hidden]
+        q = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(kv_input).view(batch, kv_input.shape[1], -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(kv_input).view(batch, kv_input.shape[1], -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_to_block(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        implementation = self.config._attn_implementation
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        else:
+            mask = None
+            if not implementation.startswith("flash"):
+                mask = build_block_attention_mask(
+                    q_len,
+                    k.shape[-2],
+                    causal=self.is_causal,
+                    window=self.sliding_window,
+                    key_padding=attention_mask,
+                    dtype=q.dtype,
+                    device=q.device,
+                )
+            elif attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError(
+                    f"attn_implementation={implementation!r} cannot apply a padding mask in the drafter; "
+                    "load the drafter with attn_implementation='sdpa' for padded batches."
+                )
+        attn_output, _ = _attention_interface(implementation)(
+            self,
+            q,
+            k,
+            v,
+            mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            is_causal=self.is_causal if mask is None else False,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(batch, q_len, -1))
+
+
+class DFlashDecoderLayer(nn.Module):
+    """Pre-norm Qwen3 block whose attention reads the target context as extra keys/values."""
+
+    def __init__(self, config: DFlashConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DFlashAttention(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, context, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), context, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DFlashPreTrainedModel(PreTrainedModel):
+    config_class = DFlashConfig
+    base_model_prefix = "dflash"
+    main_input_name = "noise_embeds"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DFlashDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, Qwen3RMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class DFlashDraftModel(DFlashPreTrainedModel):
+    """The DFlash drafter. See the module docstring for the architecture.
+
+    Two call conventions are accepted:
+    - transformers' native route: `forward(noise_embeds, context_hidden_states, position_ids, attention_mask,
+      past_key_values | cache)` returning `BaseModelOutputWithPast(last_hidden_state=[batch, block, hidden])`;
+    - z-lab's reference call: `forward(noise_embedding=..., target_hidden=..., position_ids=..., past_key_values=...)`
+      returning the tensor `[batch, block, hidden]`.
+    """
+
+    # Marker read by the generate integration, which must recognise drafters loaded from any copy of this file.
+    _is_dflash_drafter = True
+
+    def __init__(self, config):
+        if not isinstance(config, DFlashConfig):
+            # z-lab's auto_map hands us a plain Qwen3Config built from their config.json.
+            config = DFlashConfig.from_dict(config.to_dict())
+        super().__init__(config)
+        if not config.target_layer_ids:
+            raise ValueError(
+                "The drafter config has neither target_layer_ids nor num_target_layers; set "
+                "dflash_config.target_layer_ids (e.g. [1, 9, 17, 25, 33] for a 36-layer target)."
+            )
+        hidden = config.hidden_size
+        self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList([DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.last_stats: DFlashStats | None = None
+        self.post_init()
+
+    # The drafter borrows the target's embedding and head; it owns neither.
+    def get_input_embeddings(self):
+        return None
+
+    def make_draft_cache(self) -> DFlashDraftCache:
+        """A fresh draft KV cache for one generation (bounded by `config.draft_window` when set)."""
+        return DFlashDraftCache(window=self.config.draft_window)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.config.target_layer_ids
+
+    def project_context(self, target_features: torch.Tensor) -> torch.Tensor:
+        """`[batch, n_ctx, len(ids) * hidden]` target features -> `[batch, n_ctx, hidden]` context rows."""
+        return self.hidden_norm(self.fc(target_features))
+
+    def forward(
+        self,
+        noise_embeds: torch.Tensor | None = None,
+        context_hidden_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        use_cache: bool | None = None,
+        noise_embedding: torch.Tensor | None = None,
+        target_hidden: torch.Tensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Draft one block.
+
+        Args:
+            noise_embeds: `[batch, block, hidden]` target embeddings of `[anchor, MASK, ...]`.
+            context_hidden_states: `[batch, n_ctx, len(ids) * hidden]` target features of the new context rows.
+            position_ids: `[batch, n_ctx + block]` absolute positions of the context rows, then of the block.
+            attention_mask: optional `[batch, cached + n_ctx + block]` key padding mask (1 = real token), or a ready
+                4D additive mask `[batch, 1, block, cached + n_ctx + block]`.
+            past_key_values / cache: draft KV cache; the caller crops the block rows after the call.
+        """
+        reference_call = noise_embedding is not None
+        noise_embeds = noise_embedding if reference_call else noise_embeds
+        context_hidden_states = target_hidden if target_hidden is not None else context_hidden_states
+        cache = cache if cache is not None else past_key_values
+        if noise_embeds is None or context_hidden_states is None:
+            raise ValueError("DFlashDraftModel needs noise_embeds [batch, block, hidden] and context_hidden_states.")
+        batch, block, _ = noise_embeds.shape
+        n_ctx = context_hidden_states.shape[1]
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + n_ctx + block, device=noise_embeds.device).expand(batch, -1)
+        context = self.project_context(context_hidden_states.to(self.fc.weight.dtype))
+        hidden_states = noise_embeds.to(self.fc.weight.dtype)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        if reference_call:
+            return hidden_states
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Target head on draft rows, with `output_multiplier` and `final_logit_softcapping` where configured."""
+        logits = lm_head(hidden_states)
+        if self.config.output_multiplier is not None:
+            logits = logits * self.config.output_multiplier
+        cap = self.config.final_logit_softcapping
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    @torch.no_grad()
+    def spec_generate(
+        self,
+        target: nn.Module,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 2048,
+        stop_token_ids: list[int] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ) -> torch.LongTensor:
+        """z-lab's reference entry point: prompt + generated ids `[1, prompt + new]`, greedy at temperature 0."""
+        return dflash_spec_generate(
+            self, target, input_ids, max_new_tokens, stop_token_ids, temperature=temperature, top_p=top_p, top_k=top_k
+        )
+
+
+install_generate_integration()
+
+__all__ = ["DFlashDraftModel", "DFlashPreTrainedModel", "DFlashDraftCache", "DFlashStats", "build_block_attention_mask"]

@@ -1,0 +1,1 @@
+"""Subcommands of `dflash-hf`; each module defines `register(subparsers)`."""
