@@ -54,7 +54,8 @@ class DFlashConfig(Qwen3Config):
     Args:
         block_size (`int`, *optional*, defaults to 16): tokens per draft block, anchor included.
         target_layer_ids (`list[int]`, *optional*): target decoder layers read as context. Missing ids fall back to
-            the spread rule over `num_target_layers` with `num_context_layers` (default 5) ids.
+            the spread rule over `num_target_layers` with `num_context_layers` ids, which defaults to the number of
+            draft layers `num_hidden_layers` as in z-lab's reference code.
         mask_token_id (`int`, *optional*): target vocabulary id of the mask embedding.
         num_target_layers (`int`, *optional*): depth of the target; used only by the spread-rule fallback.
         dflash_config (`dict`, *optional*): z-lab's nested form of the DFlash keys; takes precedence over the
@@ -81,7 +82,7 @@ class DFlashConfig(Qwen3Config):
         output_multiplier: float | None = None,
         final_logit_softcapping: float | None = None,
         is_causal: bool | None = None,
-        num_context_layers: int = 5,
+        num_context_layers: int | None = None,
         draft_window: int | None = None,
         **kwargs,
     ):
@@ -100,21 +101,24 @@ class DFlashConfig(Qwen3Config):
             value = nested.get(key, top_level[key])
             setattr(self, key, value)
         self.block_size = int(self.block_size) if self.block_size is not None else 16
-        if self.target_layer_ids is None and self.num_target_layers is not None:
-            self.target_layer_ids = build_target_layer_ids(int(self.num_target_layers), num_context_layers)
-        if self.target_layer_ids is not None:
-            self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        self.num_context_layers = len(self.target_layer_ids) if self.target_layer_ids else num_context_layers
         self.draft_window = draft_window
-        # Keep the nested dict in sync so that what we save still reads correctly in vLLM / SGLang / z-lab code.
-        nested.update({k: getattr(self, k) for k in ("mask_token_id", "target_layer_ids") if getattr(self, k) is not None})
-        self.dflash_config = nested
 
         # Qwen3Config drops `sliding_window` unless `use_sliding_window` is set, but released drafters mark their
         # sliding layers through `layer_types` alone; keep the window those layers need.
         sliding_window = kwargs.get("sliding_window")
         layer_types = kwargs.get("layer_types")
         super().__init__(**kwargs)
+
+        if self.target_layer_ids is None and self.num_target_layers is not None:
+            # z-lab's fallback: as many ids as draft layers (`build_target_layer_ids(L, num_hidden_layers)`).
+            count = num_context_layers if num_context_layers is not None else self.num_hidden_layers
+            self.target_layer_ids = build_target_layer_ids(int(self.num_target_layers), int(count))
+        if self.target_layer_ids is not None:
+            self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        self.num_context_layers = len(self.target_layer_ids) if self.target_layer_ids else num_context_layers
+        # Keep the nested dict in sync so that what we save still reads correctly in vLLM / SGLang / z-lab code.
+        nested.update({k: getattr(self, k) for k in ("mask_token_id", "target_layer_ids") if getattr(self, k) is not None})
+        self.dflash_config = nested
         if layer_types is not None and "sliding_attention" in layer_types and sliding_window is not None:
             self.sliding_window = sliding_window
         if "sliding_attention" in (self.layer_types or []) and self.sliding_window is None:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
 
@@ -172,27 +174,37 @@ class TargetFeatureCapture:
 
 
 class DFlashCandidateGenerator(CandidateGenerator):
-    """Drafts `block_size - 1` tokens with one drafter forward per verify step, batch 1.
+    """Drafts up to `block_size - 1` tokens with one drafter forward per verify step, batch 1.
 
     Works with the stock loop of every supported version: it asks for no model outputs (features come from hooks),
-    returns no drafts on the first call (so iteration 1 is the target's prefill), caps drafts to the `max_length`
-    budget and cuts them after the first EOS (4.57 does neither in the loop).
+    returns no drafts on the first call (so iteration 1 is the target's prefill), and caps drafts to the
+    `max_length` budget (4.57 has no budget crop in the loop).
+
+    Drafts stop **before** the first draft that would end generation (an EOS id, or any other stopping criterion
+    such as a stop string or a user criterion, checked on the growing prefix). The stock loops only look at the last
+    committed token, and 5.x would append a bonus token after a stop token that is itself a draft; left out, the stop
+    token can only be committed as the bonus, i.e. last, so the output matches plain `generate` exactly.
     """
 
-    def __init__(self, target, drafter, capture: TargetFeatureCapture, generation_config, logits_processor, stats):
+    def __init__(self, target, drafter, capture: TargetFeatureCapture, generation_config, logits_processor,
+                 stopping_criteria, stats):
         self.target = target
         self.drafter = drafter
         self.capture = capture
         self.generation_config = generation_config
-        self.logits_processor = logits_processor
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.stats = stats
         self.lm_head = target.get_output_embeddings()
         self.cache = drafter.make_draft_cache()
         self.block_size = drafter.config.block_size
         self.mask_token_id = drafter.config.mask_token_id
-        eos = generation_config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.eos = torch.tensor(eos, dtype=torch.long) if eos else None
+        # EOS ids are checked for all drafts at once; the length criterion is the `max_length` budget below; any
+        # other criterion is evaluated on each draft prefix.
+        eos_ids = [c.eos_token_id for c in stopping_criteria or [] if isinstance(c, EosTokenCriteria)]
+        self.eos = torch.cat([torch.as_tensor(e).reshape(-1) for e in eos_ids]).long() if eos_ids else None
+        self.other_criteria = StoppingCriteriaList(
+            c for c in stopping_criteria or [] if not isinstance(c, (EosTokenCriteria, MaxLengthCriteria))
+        )
         self.context_len = 0  # committed tokens whose features are already in (or pending for) the draft cache
         self.pending: torch.Tensor | None = None  # [1, n, len(ids) * hidden] features not yet fed to the drafter
         self.len_before_step: int | None = None
@@ -209,6 +221,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
 
     @torch.no_grad()
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
+        """`input_ids` `[1, cur_len]` -> (`[1, cur_len + n_drafts]`, draft logits `[1, n_drafts, V]` when sampling)."""
         cur_len = input_ids.shape[1]
         self.len_before_step = cur_len
         self._collect_features(cur_len)
@@ -229,16 +242,32 @@ class DFlashCandidateGenerator(CandidateGenerator):
             position_ids=positions[None],
             past_key_values=self.cache,
         ).last_hidden_state
+        # Block rows are never kept: between calls the draft cache holds one row per committed token.
         self.cache.crop(anchor_pos)
         self.pending = None
         logits = self.drafter.compute_logits(hidden[:, 1 : 1 + budget], self.lm_head).float()  # [1, budget, V]
         drafts, logits = self._choose(input_ids, logits)
+        keep = self._drafts_before_stop(input_ids, drafts)
+        if keep == 0:
+            return input_ids, None
+        drafts = drafts[:, :keep]
+        logits = logits[:, :keep] if logits is not None else None
+        return torch.cat([input_ids, drafts.to(input_ids.device)], dim=1), logits
+
+    def _drafts_before_stop(self, input_ids: torch.LongTensor, drafts: torch.LongTensor) -> int:
+        """Number of leading drafts that do not end generation (see the class docstring)."""
+        keep = drafts.shape[1]
         if self.eos is not None:
             is_eos = torch.isin(drafts[0], self.eos.to(drafts.device))
             if bool(is_eos.any()):
-                keep = int(is_eos.nonzero()[0, 0]) + 1
-                drafts, logits = drafts[:, :keep], (logits[:, :keep] if logits is not None else None)
-        return torch.cat([input_ids, drafts.to(input_ids.device)], dim=1), logits
+                keep = int(is_eos.nonzero()[0, 0])
+        if len(self.other_criteria) > 0:
+            candidate = torch.cat([input_ids, drafts.to(input_ids.device)], dim=1)
+            cur_len = input_ids.shape[1]
+            for k in range(keep):
+                if bool(self.other_criteria(candidate[:, : cur_len + k + 1], None).any()):
+                    return k
+        return keep
 
     def _choose(self, input_ids, logits):
         """Drafts from the processed draft logits: argmax when greedy; sampled from q (and q returned, for the
@@ -249,6 +278,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
         prefix = input_ids
         drafts = []
         for i in range(logits.shape[1]):
+            # Processors see the prefix each draft would have (e.g. repetition penalty, min_new_tokens).
             logits[:, i] = self.logits_processor(prefix, logits[:, i])
             if do_sample:
                 token = torch.multinomial(logits[:, i].softmax(-1), 1)
@@ -289,7 +319,13 @@ def _dflash_assisted_decoding(original):
         previous = self.__dict__.get("_get_candidate_generator")
         with TargetFeatureCapture(self, drafter.config.target_layer_ids) as capture:
             generator = DFlashCandidateGenerator(
-                self, drafter, capture, generation_config, kwargs.get("logits_processor"), stats
+                self,
+                drafter,
+                capture,
+                generation_config,
+                kwargs.get("logits_processor"),
+                kwargs.get("stopping_criteria"),
+                stats,
             )
             self.__dict__["_get_candidate_generator"] = lambda *a, **k: generator
             try:

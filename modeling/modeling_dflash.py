@@ -12,6 +12,7 @@ Importing this module also teaches `target.generate(assistant_model=drafter)` to
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -29,6 +30,11 @@ from transformers.models.qwen3.modeling_qwen3 import (
 
 from .configuration_dflash import DFlashConfig
 from .generation_dflash import DFlashStats, dflash_spec_generate, install_generate_integration
+
+
+# from_pretrained kwargs that say where config.json lives (the set AutoModel forwards).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision", "subfolder",
+               "token", "use_auth_token")
 
 
 def _attention_interface(implementation: str | None) -> Callable:
@@ -256,7 +262,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
 
     def __init__(self, config):
         if not isinstance(config, DFlashConfig):
-            # z-lab's auto_map hands us a plain Qwen3Config built from their config.json.
+            # A config of another copy of this class (remote code loaded twice) or a plain Qwen3Config.
             config = DFlashConfig.from_dict(config.to_dict())
         super().__init__(config)
         if not config.target_layer_ids:
@@ -272,6 +278,22 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         self.rotary_emb = Qwen3RotaryEmbedding(config=config)
         self.last_stats: DFlashStats | None = None
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading z-lab's config.json with `DFlashConfig`.
+
+        `AutoModel.from_pretrained(repo, trust_remote_code=True)` on a released checkpoint (model_type "qwen3", no
+        AutoConfig in auto_map) hands us a plain `Qwen3Config`, which has already dropped `sliding_window` (Qwen3
+        keeps it only with `use_sliding_window`) although `layer_types` marks sliding layers. Re-read the same
+        config.json with our class so nothing is lost.
+        """
+        if config is not None and not isinstance(config, (str, os.PathLike)) and getattr(
+            config, "model_type", None
+        ) != DFlashConfig.model_type:
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = DFlashConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     # The drafter borrows the target's embedding and head; it owns neither.
     def get_input_embeddings(self):
@@ -368,6 +390,11 @@ class DFlashDraftModel(DFlashPreTrainedModel):
             self, target, input_ids, max_new_tokens, stop_token_ids, temperature=temperature, top_p=top_p, top_k=top_k
         )
 
+
+# save_pretrained then writes auto_map and copies these files next to the weights, so the saved folder loads back with
+# AutoModel.from_pretrained(folder, trust_remote_code=True) like a released checkpoint.
+DFlashConfig.register_for_auto_class()
+DFlashDraftModel.register_for_auto_class("AutoModel")
 
 install_generate_integration()
 

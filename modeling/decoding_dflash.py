@@ -1,0 +1,612 @@
+"""A fast, batched DFlash decode loop (gpt-fast style): static caches, one step = draft + verify + accept on the GPU.
+
+Why not transformers' assisted loop: it runs one sequence at a time, eagerly, with several host syncs and per-token
+Python work per step; on a small target the GPU then idles most of the time. Here every row of a left-padded batch
+advances by its own number of accepted tokens inside fixed-shape tensors, so a whole step can be captured once as
+CUDA graphs and replayed; the host reads one small tensor per step (are all rows done?).
+
+Cache layout (both target and drafter, `RowStaticCache`): slot `s` of row `r` holds the token at position
+`s - pad[r]`, where `pad[r]` is the row's left padding. `length[r]` counts slots of committed tokens, anchor included;
+the anchor (newest committed token) has no target K/V yet. Each step
+
+1. drafts: the drafter reads the previous verify's B feature rows (written at their token slots; rows past the
+   accepted ones are masked until overwritten) plus the block `[anchor, MASK x (B-1)]` (written to B scratch slots
+   after the capacity), and the target head turns rows 1..B-1 into drafts;
+2. verifies: the target runs on `[anchor, drafts]` at slots `length-1 .. length+B-2`, with a 4D mask that hides
+   padding, stale rejected slots and (sliding layers) keys outside the window;
+3. accepts per row: greedy prefix match, or speculative sampling (Leviathan et al.); commits up to the row's token
+   budget and its first stop token; rejected K/V stay in the cache but are masked and later overwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .generation_dflash import TargetFeatureCapture, check_drafter_fits_target, embed_block, target_text_config
+
+
+class RowStaticCache:
+    """Static K/V `[batch, kv_heads, capacity, head_dim]` per layer, written at per-row slots.
+
+    Set `write_slots` (`[batch, rows]`, one slot per new K/V row) before each forward; `update` scatters the new rows
+    there and returns the whole buffer, so attention shapes never change (the mask says what is visible). Buffers are
+    allocated on the first (eager) update, from the shapes the model actually produces.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.write_slots: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.keys:
+            batch, heads, _, dim = key.shape
+            self.keys[layer_idx] = key.new_zeros(batch, heads, self.capacity, dim)
+            self.values[layer_idx] = value.new_zeros(batch, heads, self.capacity, value.shape[-1])
+        index = self.write_slots[:, None, :, None]
+        self.keys[layer_idx].scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key)
+        self.values[layer_idx].scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    def reset(self) -> None:
+        for buffer in (*self.keys.values(), *self.values.values()):
+            buffer.zero_()
+
+
+@dataclass
+class DFlashGenerateOutput:
+    """Result of `generate`. `sequences` is `[batch, prompt + generated]`: the prompts as given (left padding kept),
+    then each row's new tokens, then `pad_token_id` after the row's end."""
+
+    sequences: torch.LongTensor
+    new_tokens: list[list[int]]
+    acceptance_lengths: list[list[int]]
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_total: float = 0.0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        flat = [a for row in self.acceptance_lengths for a in row]
+        return sum(flat) / max(len(flat), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_new_tokens / self.time_total if self.time_total > 0 else float("nan")
+
+
+def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """`[..., V]` logits -> probabilities after temperature, top-k and top-p (all shape-static, graph-safe)."""
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _sample(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of `[..., V]` probabilities (exponential race: argmax p / E, E ~ Exp(1); graph-safe)."""
+    race = torch.empty_like(probs).exponential_()
+    return (probs / race).argmax(dim=-1)
+
+
+class DFlashDecoder:
+    """Batched DFlash decoding for one target/drafter pair; keeps its static caches and CUDA graphs between calls.
+
+    Args:
+        target: a decoder-only `*ForCausalLM` (sdpa or eager attention).
+        drafter: a `DFlashDraftModel` that fits it.
+        max_length: capacity in tokens per row (prompt + new tokens) for the static caches.
+        cuda_graphs: capture the draft and verify steps as CUDA graphs (default: when on CUDA).
+        compile: run the steady-state draft and verify steps through `torch.compile` (inductor fuses HF's many small
+            kernels; default: when on CUDA). Compilation happens on first use per batch size.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        drafter: nn.Module,
+        max_length: int = 2048,
+        cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+    ):
+        check_drafter_fits_target(drafter, target)
+        implementation = getattr(target.config, "_attn_implementation", "sdpa") or "sdpa"
+        if implementation.startswith("flash") or implementation.startswith("flex"):
+            raise ValueError(
+                f"The batched DFlash loop passes explicit 4D masks, which attn_implementation={implementation!r} "
+                "cannot take; load the target with attn_implementation='sdpa'."
+            )
+        text = target_text_config(target)
+        limit = getattr(text, "max_position_embeddings", None)
+        if limit is not None and max_length > limit:
+            max_length = limit
+        self.target, self.drafter = target, drafter
+        self.device = next(target.parameters()).device
+        self.block_size = drafter.config.block_size
+        self.max_length = max_length
+        self.position_limit = limit
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self.compile = (self.device.type == "cuda") if compile is None else compile
+        layer_types = getattr(text, "layer_types", None) or []
+        self.target_windows = {
+            kind: (getattr(text, "sliding_window", None) if kind == "sliding_attention" else None)
+            for kind in dict.fromkeys(layer_types)
+        }
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+        self.pass_cache_position = "cache_position" in inspect.signature(target.forward).parameters
+        self.lm_head = target.get_output_embeddings()
+        self._workspaces: dict[tuple, "_Workspace"] = {}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | int | None = None,
+        pad_token_id: int | None = None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> DFlashGenerateOutput:
+        """Decode `input_ids` `[batch, prompt]` (left-padded, `attention_mask` 1 for real tokens)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {tuple(input_ids.shape)}.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}; use do_sample=False for greedy.")
+        if not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={top_p}, top_k={top_k}.")
+        batch, prompt_len = input_ids.shape
+        needed = prompt_len + max_new_tokens
+        if self.position_limit is not None and needed > self.position_limit:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {needed} exceeds the target's "
+                f"max_position_embeddings {self.position_limit}; shorten the prompt or lower max_new_tokens."
+            )
+        if needed > self.max_length:
+            raise ValueError(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {needed} exceeds this decoder's "
+                f"max_length {self.max_length}; create DFlashDecoder(..., max_length={needed}) or larger."
+            )
+        if streamer is not None and batch != 1:
+            raise ValueError(f"streamer supports batch 1 only (as in transformers), got batch {batch}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask.sum(-1) == 0).any()):
+            raise ValueError("A row of attention_mask is all zeros: every prompt needs at least one real token.")
+        stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or [])
+        if pad_token_id is None:
+            pad_token_id = target_text_config(self.target).pad_token_id
+            pad_token_id = stops[0] if pad_token_id is None and stops else (pad_token_id or 0)
+
+        workspace = self._workspace(batch, do_sample, temperature, top_k, top_p, len(stops))
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return workspace.run(
+            input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, stops, pad_token_id,
+            streamer, progress,
+        )
+
+    def _workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops) -> "_Workspace":
+        key = (batch, do_sample, temperature if do_sample else None, top_k if do_sample else None,
+               top_p if do_sample else None, n_stops)
+        if key not in self._workspaces:
+            self._workspaces[key] = _Workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops)
+        return self._workspaces[key]
+
+
+class _Workspace:
+    """Static buffers, caches and (on CUDA) the two captured graphs for one batch size and sampling setting."""
+
+    def __init__(self, decoder: DFlashDecoder, batch, do_sample, temperature, top_k, top_p, n_stops):
+        self.d = decoder
+        self.batch = batch
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        B, device = decoder.block_size, decoder.device
+        self.capacity = decoder.max_length + B
+        self.target_cache = RowStaticCache(self.capacity)
+        self.draft_cache = RowStaticCache(self.capacity + B)  # the last B slots are the block scratch
+        self.capture = TargetFeatureCapture(decoder.target, decoder.drafter.config.target_layer_ids)
+        long = dict(dtype=torch.long, device=device)
+        # Per-row state.
+        self.pad = torch.zeros(batch, **long)
+        self.length = torch.zeros(batch, **long)  # committed slots, anchor included
+        self.ctx_base = torch.zeros(batch, **long)  # slot of the first pending context row
+        self.generated = torch.zeros(batch, **long)
+        self.budget = torch.zeros(batch, **long)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.committed = torch.zeros(batch, **long)  # tokens committed by the last step
+        self.anchor = torch.zeros(batch, **long)
+        self.stops = torch.zeros(max(n_stops, 1), **long)
+        self.n_stops = n_stops
+        self.out = torch.zeros(batch, decoder.max_length + B, **long)  # new tokens; fixed address for the graphs
+        self.ctx_features: torch.Tensor | None = None  # [batch, B, k*H], features of the last verify
+        self.drafts = torch.zeros(batch, B - 1, **long)
+        self.draft_probs: torch.Tensor | None = None
+        self.arange_b = torch.arange(B, device=device)
+        self.slot_ids = torch.arange(self.capacity + B, device=device)
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        steady_draft = functools.partial(self._draft, decoder.block_size)
+        if decoder.compile:
+            self.steady_draft = torch.compile(steady_draft, dynamic=False)
+            self.steady_verify = torch.compile(self._verify_and_accept, dynamic=False)
+        else:
+            self.steady_draft, self.steady_verify = steady_draft, self._verify_and_accept
+
+    # ---------------------------------------------------------------------------------------------- masks & positions
+    def _target_mask(self, query_slots: torch.Tensor, dtype) -> torch.Tensor | dict:
+        """4D additive mask `[batch, 1, q, capacity]` (or a dict per layer type) for target queries at `query_slots`."""
+        keys = self.slot_ids[: self.capacity][None, None, :]
+        q = query_slots[:, :, None]
+        base = (keys >= self.pad[:, None, None]) & (keys <= q)
+        base = base | (keys == q)  # padding queries see themselves, so no row is all-masked
+
+        def additive(visible):
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+        if not self.d.target_windows:
+            return additive(base)
+        return {
+            kind: additive(base if window is None else base & (q - keys < window))
+            for kind, window in self.d.target_windows.items()
+        }
+
+    def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor:
+        """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call, per drafter layer kind.
+
+        Context slots are visible from `pad` up to the anchor (exclusive); scratch slots hold the block itself.
+        """
+        B = self.d.block_size
+        slots = self.slot_ids[None, None, :]
+        query_pos = (self.length - 1 - self.pad)[:, None, None] + self.arange_b[None, :, None]  # [b, B, 1]
+        is_ctx = slots < self.capacity
+        ctx_valid = is_ctx & (slots >= self.pad[:, None, None]) & (slots < (self.length - 1)[:, None, None])
+        key_pos = torch.where(
+            is_ctx, slots - self.pad[:, None, None], (self.length - 1 - self.pad)[:, None, None] + slots - self.capacity
+        )
+        visible = ctx_valid | ~is_ctx
+        masks = {}
+        config = self.d.drafter.config
+        for layer_idx in range(config.num_hidden_layers):
+            causal, window = config.layer_is_causal(layer_idx), config.layer_window(layer_idx)
+            key = (causal, window)
+            if key in masks:
+                continue
+            v = visible
+            if causal:
+                v = v & (key_pos <= query_pos)
+            if window is not None:
+                v = v & (query_pos - key_pos < window)
+                if not causal:
+                    v = v & (key_pos - query_pos < window)
+            mask = torch.zeros(v.shape, dtype=dtype, device=v.device)
+            masks[key] = mask.masked_fill(~v, torch.finfo(dtype).min)[:, None]
+        if len(masks) != 1:
+            raise ValueError(
+                "The batched loop passes one 4D mask to every drafter layer; drafters that mix causal/sliding and "
+                "full layers run through target.generate(assistant_model=drafter) instead."
+            )
+        return next(iter(masks.values()))
+
+    # ---------------------------------------------------------------------------------------------------- the steps
+    def _draft(self, n_ctx: int) -> None:
+        """One drafter forward over `n_ctx` pending context rows + the block; fills `self.drafts` (and q)."""
+        d, B = self.d, self.d.block_size
+        block_ids = torch.full((self.batch, B), d.drafter.config.mask_token_id, dtype=torch.long, device=d.device)
+        block_ids[:, 0] = self.anchor
+        noise = embed_block(d.drafter, d.target, block_ids)
+        ctx_slots = self.ctx_base[:, None] + torch.arange(n_ctx, device=d.device)[None]
+        self.draft_cache.write_slots = torch.cat([ctx_slots, (self.capacity + self.arange_b)[None].expand(self.batch, -1)], 1)
+        ctx_pos = (ctx_slots - self.pad[:, None]).clamp_min(0)
+        block_pos = (self.length - 1 - self.pad)[:, None] + self.arange_b[None]
+        hidden = d.drafter(
+            noise_embeds=noise,
+            context_hidden_states=self.ctx_features[:, :n_ctx],
+            position_ids=torch.cat([ctx_pos, block_pos], dim=1),
+            attention_mask=self._draft_mask(n_ctx, noise.dtype),
+            past_key_values=self.draft_cache,
+        ).last_hidden_state
+        logits = d.drafter.compute_logits(hidden[:, 1:], d.lm_head).float()  # [b, B-1, V]
+        if self.do_sample:
+            self.draft_probs = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+            self.drafts.copy_(_sample(self.draft_probs))
+        else:
+            self.drafts.copy_(logits.argmax(-1))
+
+    def _verify_and_accept(self) -> None:
+        """Target forward on `[anchor, drafts]`, acceptance, commit, and the state update for the next step."""
+        d, B = self.d, self.d.block_size
+        block = torch.cat([self.anchor[:, None], self.drafts], dim=1)  # [b, B]
+        slots = (self.length - 1)[:, None] + self.arange_b[None]
+        self.target_cache.write_slots = slots
+        positions = slots - self.pad[:, None]
+        logits = self._target_forward(block, positions, slots)  # [b, B, V]
+        features = self.capture.features()  # [b, B, k*H]
+
+        if self.do_sample:
+            p = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # [b, B, V]
+            q = self.draft_probs  # [b, B-1, V]
+            p_draft = p[:, :-1].gather(-1, self.drafts[..., None])[..., 0]
+            q_draft = q.gather(-1, self.drafts[..., None])[..., 0]
+            accept = torch.rand_like(p_draft) * q_draft < p_draft
+            residual = torch.cat([(p[:, :-1] - q).clamp_min(0), p[:, -1:]], dim=1)
+            total = residual.sum(-1, keepdim=True)
+            residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p)
+            choice = _sample(residual)  # [b, B]
+        else:
+            choice = logits.argmax(-1)  # [b, B]
+            accept = self.drafts == choice[:, :-1]
+        n_accept = accept.long().cumprod(dim=1).sum(dim=1)  # [b]
+        bonus = choice.gather(1, n_accept[:, None])[:, 0]
+        # Candidate new tokens: accepted drafts, then the bonus at index n_accept.
+        new = torch.where(self.arange_b[None] < n_accept[:, None], torch.cat([self.drafts, bonus[:, None]], 1), bonus[:, None])
+        count = torch.minimum(n_accept + 1, self.budget - self.generated)
+        if self.n_stops:
+            is_stop = torch.isin(new, self.stops) & (self.arange_b[None] < count[:, None])
+            first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
+            count = torch.minimum(count, first_stop)
+            hit_stop = is_stop.any(1)
+        else:
+            hit_stop = torch.zeros_like(self.done)
+        count = torch.where(self.done, torch.zeros_like(count), count)
+        # Commit into the output buffer (columns past `count` are scratch, overwritten or trimmed later).
+        cols = self.generated[:, None] + self.arange_b[None]
+        self.out.scatter_(1, cols, torch.where(self.arange_b[None] < count[:, None], new, self.out.gather(1, cols)))
+        self.committed.copy_(count)
+        self.ctx_base.copy_(self.length - 1)
+        self.length.add_(count)
+        self.generated.add_(count)
+        new_anchor = new.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
+        self.anchor.copy_(torch.where(count > 0, new_anchor, self.anchor))
+        self.done.copy_(self.done | hit_stop | (self.generated >= self.budget))
+        self.ctx_features.copy_(features)
+
+    def _target_forward(self, ids, positions, slots) -> torch.Tensor:
+        d = self.d
+        dtype = next(d.target.parameters()).dtype
+        kwargs = {d.cache_kwarg: self.target_cache, "use_cache": True}
+        if d.pass_cache_position:
+            kwargs["cache_position"] = slots[0]
+        out = d.target(
+            input_ids=ids,
+            position_ids=positions.clamp_min(0),
+            attention_mask=self._target_mask(slots, dtype),
+            **kwargs,
+        )
+        return out.logits.float()
+
+    # ------------------------------------------------------------------------------------------------------ driving
+    def _reset(self, input_ids, attention_mask, max_new_tokens, stops):
+        B = self.d.block_size
+        batch, prompt_len = input_ids.shape
+        self.target_cache.reset()
+        self.draft_cache.reset()
+        # Left padding: real tokens must be right-aligned.
+        real = attention_mask.bool()
+        self.pad.copy_(prompt_len - real.sum(-1))
+        aligned = torch.arange(prompt_len, device=input_ids.device)[None] >= self.pad[:, None]
+        if not torch.equal(aligned, real):
+            raise ValueError("attention_mask must describe left padding (real tokens right-aligned); pad on the left.")
+        self.length.fill_(prompt_len)
+        self.generated.zero_()
+        self.budget.fill_(max_new_tokens)
+        self.done.zero_()
+        if self.n_stops:
+            self.stops.copy_(torch.tensor(stops, dtype=torch.long, device=self.stops.device))
+        self.out.zero_()
+
+    def run(self, input_ids, attention_mask, max_new_tokens, stops, pad_token_id, streamer, progress):
+        d, B = self.d, self.d.block_size
+        sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+        with self.capture:
+            self._reset(input_ids, attention_mask, max_new_tokens, stops)
+            sync()
+            t0 = time.perf_counter()
+            # Prefill: target over the prompt, first token, then the first draft over all prompt rows.
+            prompt_len = input_ids.shape[1]
+            slots = torch.arange(prompt_len, device=d.device)[None].expand(self.batch, -1)
+            self.target_cache.write_slots = slots
+            logits = self._target_forward(input_ids, slots - self.pad[:, None], slots)[:, -1]
+            features = self.capture.features()
+            if self.do_sample:
+                first = _sample(_sampling_probs(logits, self.temperature, self.top_k, self.top_p))
+            else:
+                first = logits.argmax(-1)
+            self.out[:, 0] = first
+            self.anchor.copy_(first)
+            self.generated.fill_(1)
+            self.length.add_(1)
+            if self.n_stops:
+                self.done.copy_(torch.isin(first, self.stops))
+            self.done |= self.generated >= self.budget
+            if self.ctx_features is None:
+                self.ctx_features = features.new_zeros(self.batch, B, features.shape[-1])
+            self.ctx_base.zero_()
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+                streamer.put(first.cpu())
+            prompt_features = features
+            sync()
+            t1 = time.perf_counter()
+
+            acceptance = [[] for _ in range(self.batch)]
+            draft_time = verify_time = 0.0
+            steps = 0
+            first_draft = True
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=max_new_tokens * self.batch, desc="dflash", unit="tok", initial=self.batch)
+            done_host = bool(self.done.all())
+            while not done_host:
+                if first_draft:
+                    # Variable-length context: eager, outside any graph.
+                    saved = self.ctx_features
+                    self.ctx_features = prompt_features
+                    ta = time.perf_counter()
+                    self._draft(prompt_len)
+                    self.ctx_features = saved
+                    sync()
+                    draft_time += time.perf_counter() - ta
+                    ta = time.perf_counter()
+                    self._verify_and_accept()
+                    sync()
+                    verify_time += time.perf_counter() - ta
+                    first_draft = False
+                else:
+                    dt, vt = self._replay_step()
+                    draft_time += dt
+                    verify_time += vt
+                steps += 1
+                state = torch.cat([self.committed, self.done.long()]).cpu()  # the one host sync per step
+                committed, done = state[: self.batch].tolist(), state[self.batch :].tolist()
+                for r in range(self.batch):
+                    if committed[r] > 0:
+                        acceptance[r].append(committed[r])
+                if streamer is not None and committed[0] > 0:
+                    g = int(self.generated[0])
+                    streamer.put(self.out[0, g - committed[0] : g].cpu())
+                if bar is not None:
+                    bar.update(sum(committed))
+                done_host = all(done)
+            if bar is not None:
+                bar.close()
+            sync()
+            t2 = time.perf_counter()
+        if streamer is not None:
+            streamer.end()
+
+        generated = self.generated.tolist()
+        new_tokens = [self.out[r, : generated[r]].tolist() for r in range(self.batch)]
+        width = max(generated)
+        tail = torch.full((self.batch, width), pad_token_id, dtype=torch.long, device=input_ids.device)
+        for r in range(self.batch):
+            tail[r, : generated[r]] = self.out[r, : generated[r]]
+        return DFlashGenerateOutput(
+            sequences=torch.cat([input_ids, tail], dim=1),
+            new_tokens=new_tokens,
+            acceptance_lengths=acceptance,
+            time_prefill=t1 - t0,
+            time_draft=draft_time,
+            time_verify=verify_time,
+            time_total=t2 - t0,
+            steps=steps,
+        )
+
+    # ------------------------------------------------------------------------------------------------- CUDA graphs
+    def _replay_step(self) -> tuple[float, float]:
+        """One steady-state step (B context rows): eager on CPU, captured graphs on CUDA. Returns (draft, verify) s."""
+        if not self.d.cuda_graphs:
+            ta = time.perf_counter()
+            self.steady_draft()
+            tb = time.perf_counter()
+            self.steady_verify()
+            return tb - ta, time.perf_counter() - tb
+        if not self.graphs:
+            self._capture_graphs()
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        self.graphs["draft"].replay()
+        mid.record()
+        self.graphs["verify"].replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(mid) / 1e3, mid.elapsed_time(end) / 1e3
+
+    def _capture_graphs(self) -> None:
+        """Capture draft and verify on the live state. Warm-up runs on a snapshot that is restored afterwards, so the
+        capture does not advance the generation."""
+        state = [self.pad, self.length, self.ctx_base, self.generated, self.budget, self.done, self.committed,
+                 self.anchor, self.out, self.ctx_features, self.drafts]
+        snapshot = [t.clone() for t in state]
+        caches = [*self.target_cache.keys.values(), *self.target_cache.values.values(),
+                  *self.draft_cache.keys.values(), *self.draft_cache.values.values()]
+        cache_snapshot = [t.clone() for t in caches]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # the first calls compile, when compiling
+                self.steady_draft()
+                self.steady_verify()
+        torch.cuda.current_stream().wait_stream(stream)
+        for name, fn in (("draft", self.steady_draft), ("verify", self.steady_verify)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.graphs[name] = graph
+        for t, s in zip(state + caches, snapshot + cache_snapshot):
+            t.copy_(s)
+
+
+@torch.no_grad()
+def generate(
+    target: nn.Module,
+    drafter: nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: list[int] | int | None = None,
+    pad_token_id: int | None = None,
+    streamer=None,
+    cuda_graphs: bool | None = None,
+    compile: bool | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> DFlashGenerateOutput:
+    """Batched DFlash generation (see `DFlashDecoder`); builds a decoder sized for this call.
+
+    Greedy output of every row equals the target's own greedy output for that row alone; with `do_sample` each row
+    is a sample of the target's (temperature/top-k/top-p) distribution. For repeated calls keep a `DFlashDecoder`.
+    """
+    decoder = DFlashDecoder(
+        target, drafter, max_length=input_ids.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs, compile=compile
+    )
+    return decoder.generate(
+        input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, streamer=streamer,
+        generator=generator, progress=progress,
+    )
+
+
+__all__ = ["DFlashDecoder", "DFlashGenerateOutput", "RowStaticCache", "generate"]

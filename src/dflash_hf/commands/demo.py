@@ -1,0 +1,234 @@
+"""`dflash-hf demo`: the embedded SmolLM2 target with the bundled drafter, plain greedy vs DFlash, side by side.
+
+Runs each chat prompt twice, once with the target's own greedy `generate` and once with DFlash, checks that the two
+outputs are token-identical (exit 1 if not), and prints the acceptance length (tau), tokens/s and speedup.
+
+Shared helpers for the `generate` and `chat` commands live here too (they import them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that checks whether a number is prime.",
+    "List three tips for staying focused while studying.",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers shared by demo, generate and chat
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="smollm2",
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct, default) or a local model folder")
+    parser.add_argument("--drafter", default="bundled",
+                        help="'bundled' (the SmolLM2 drafter shipped with dflash-hf, default) or a local drafter "
+                             "folder (an export of ours or a z-lab release)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="weights dtype (default float32: exact on CPU; bfloat16 can flip near-ties vs greedy)")
+
+
+def resolve_device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device {name!r} is not supported; use cpu or cuda.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but torch sees no CUDA GPU; use --device cpu.")
+    return name
+
+
+def load_pair(args, *, quiet: bool = False):
+    """`(target, tokenizer, drafter, trained)` from `--target/--drafter/--device/--dtype`."""
+    import torch
+
+    from dflash_hf.assets import resolve_drafter, resolve_target
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.drafter == "bundled" and args.target.lower() not in ("smollm2", "default"):
+        raise ValueError(
+            f"--drafter bundled is the SmolLM2-135M-Instruct drafter and cannot draft for --target {args.target}; "
+            "pass --drafter FOLDER with a drafter made for that target."
+        )
+    target, tokenizer = resolve_target(args.target, dtype=dtype, device=device)
+    drafter, trained = resolve_drafter(args.drafter, dtype=dtype, device=device, tokenizer=tokenizer)
+    if not trained and not quiet:
+        print(untrained_notice(), file=sys.stderr)
+    return target, tokenizer, drafter, trained
+
+
+def untrained_notice() -> str:
+    return ("NOTE: no trained SmolLM2 drafter is bundled with this install yet, so an UNTRAINED drafter (random "
+            "weights) is used: outputs stay exact, but expect tau near 1 and no speedup.")
+
+
+def encode(tokenizer, text_or_messages, chat: bool, device):
+    """`[1, prompt]` input ids: the chat template applied to a message list / user text, or the raw text."""
+    import torch
+
+    if chat:
+        messages = text_or_messages
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("This tokenizer has no chat template; drop --chat to use the raw prompt.")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        if not isinstance(ids, torch.Tensor):  # transformers 5.x returns a BatchEncoding
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(text_or_messages, return_tensors="pt")["input_ids"]
+    return ids.to(device)
+
+
+def stop_ids(target, tokenizer) -> list[int]:
+    eos = target.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+def stats_line(n_tokens: int, seconds: float, tau: float | None = None) -> str:
+    rate = n_tokens / seconds if seconds > 0 else float("nan")
+    text = f"{n_tokens} tokens in {seconds:.2f} s ({rate:.1f} tok/s)"
+    return text if tau is None else f"{text}, tau {tau:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="SmolLM2-135M-Instruct with the bundled drafter: plain greedy vs DFlash, identical text, tau, speedup",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)")
+    parser.add_argument("--prompts", nargs="+", metavar="PROMPT", default=None,
+                        help="user messages to run (chat template applied); default: three built-in prompts")
+    parser.add_argument("--route", choices=("batched", "assisted"), default="batched",
+                        help="DFlash path: 'batched' = dflash_hf.generate (fast loop, default); 'assisted' = "
+                             "target.generate(assistant_model=drafter)")
+    parser.set_defaults(func=run)
+
+
+def _greedy(target, ids, max_new_tokens, stops):
+    import torch
+
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=stops or None, pad_token_id=stops[0] if stops else None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _dflash(route, target, drafter, ids, max_new_tokens, stops):
+    """New token ids and the acceptance lengths of one DFlash run."""
+    import torch
+
+    import dflash_hf
+
+    if route == "batched":
+        out = dflash_hf.generate(target, drafter, ids, max_new_tokens=max_new_tokens, stop_token_ids=stops or None)
+        return out.new_tokens[0], out.acceptance_lengths[0]
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=False,
+                          max_new_tokens=max_new_tokens, eos_token_id=stops or None,
+                          pad_token_id=stops[0] if stops else None)
+    return out[0, ids.shape[1]:].tolist(), list(drafter.last_stats.acceptance_lengths)
+
+
+def run(args) -> int:
+    import torch
+
+    target, tokenizer, drafter, trained = load_pair(args, quiet=True)
+    device = next(target.parameters()).device
+    stops = stop_ids(target, tokenizer)
+    prompts = args.prompts or list(DEFAULT_PROMPTS)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompts got an empty prompt; every prompt needs some text.")
+    name = "SmolLM2-135M-Instruct" if args.target.lower() in ("smollm2", "default") else args.target
+    kind = "trained" if trained else "UNTRAINED (random weights)"
+    print(f"dflash-hf demo: target {name} on {device} ({args.dtype}); drafter {kind}, block "
+          f"{drafter.config.block_size}, reads target layers {drafter.config.target_layer_ids}; "
+          f"route {args.route}; {args.max_new_tokens} new tokens per prompt")
+    if not trained:
+        print(untrained_notice())
+
+    # Warm both paths once so the timings below do not include first-call setup.
+    warm = encode(tokenizer, "Hi", True, device)
+    _greedy(target, warm, 4, stops)
+    _dflash(args.route, target, drafter, warm, 4, stops)
+
+    all_same, total_plain, total_dflash, tokens_plain, tokens_dflash, acceptance = True, 0.0, 0.0, 0, 0, []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts, 1):
+            ids = encode(tokenizer, prompt, True, device)
+            start = time.perf_counter()
+            plain = _greedy(target, ids, args.max_new_tokens, stops)
+            t_plain = time.perf_counter() - start
+            start = time.perf_counter()
+            fast, accepted = _dflash(args.route, target, drafter, ids, args.max_new_tokens, stops)
+            t_fast = time.perf_counter() - start
+            same = plain == fast
+            all_same &= same
+            total_plain += t_plain
+            total_dflash += t_fast
+            tokens_plain += len(plain)
+            tokens_dflash += len(fast)
+            acceptance += accepted
+            tau = sum(accepted) / max(len(accepted), 1)
+            print(f"\n[{i}/{len(prompts)}] {prompt}")
+            print(f"  greedy : {stats_line(len(plain), t_plain)}")
+            print(f"  DFlash : {stats_line(len(fast), t_fast, tau)}, speedup {t_plain / t_fast:.2f}x")
+            if same:
+                print("  identical to greedy: yes")
+            else:
+                at = next((k for k, (a, b) in enumerate(zip(plain, fast)) if a != b), min(len(plain), len(fast)))
+                print(f"  identical to greedy: NO, first difference at new token {at}")
+                print(f"  DFlash text: {tokenizer.decode(fast, skip_special_tokens=True)!r}")
+            print(f"  text   : {tokenizer.decode(plain, skip_special_tokens=True)!r}")
+
+    tau = sum(acceptance) / max(len(acceptance), 1)
+    rate_plain = tokens_plain / total_plain if total_plain else float("nan")
+    rate_fast = tokens_dflash / total_dflash if total_dflash else float("nan")
+    print(f"\nSummary: {len(prompts)} prompts; outputs identical to plain greedy: {'yes' if all_same else 'NO'}; "
+          f"mean tau {tau:.2f}; greedy {rate_plain:.1f} tok/s, DFlash {rate_fast:.1f} tok/s, "
+          f"speedup {total_plain / total_dflash:.2f}x")
+    if not trained:
+        print("The drafter is UNTRAINED, so this run checks exactness, not speed: a trained drafter accepts several "
+              "tokens per step (tau > 1), which is where the speedup comes from.")
+    if not all_same:
+        print("ERROR: DFlash output differs from plain greedy decoding.", file=sys.stderr)
+        return 1
+    return 0

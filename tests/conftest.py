@@ -1,0 +1,28 @@
+"""Test session setup: offline, one CPU thread, remote code cached in a private temp folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+# Must be set before transformers is imported: remote code loaded by the tests goes to a throwaway folder, and the
+# Hub is never contacted.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="dflash_hf_modules_")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from every test module
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core runner they oversubscribe (10x slower).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,317 @@
+"""The training recipe on tiny real models: packed-mask exactness, data format, loss, tau, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import torch
+from helpers import MASK_ID, greedy, random_prompt, tiny_drafter, tiny_target
+from safetensors import safe_open
+
+from dflash_hf import DFlashConfig, DFlashDraftModel
+from dflash_hf.modeling.generation_dflash import embed_block
+from dflash_hf.training import (
+    PackedDrafter,
+    as_examples,
+    count_parameters,
+    default_gamma,
+    evaluate_tau,
+    generate_responses,
+    layer_attention_masks,
+    load_jsonl,
+    make_data,
+    new_drafter_config,
+    pack_blocks,
+    packed_visibility,
+    pick_mask_token_id,
+    sample_anchors,
+    target_features,
+    train_drafter,
+)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """A real character-level fast tokenizer with a ChatML template, built offline (102 tokens: 5 specials, then
+    printable characters). `<|spare|>` (id 4) is a special token that no template or stop rule uses."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|spare|>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|spare|>"],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are overhead-bound: a second intra-op thread only adds synchronisation, and on a busy 2-core
+    # runner it makes these tests several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _features_for_prefix(target, ids, a, layer_ids):
+    return target_features(target, ids[None, :a], torch.ones(1, a, dtype=torch.long), layer_ids)
+
+
+@pytest.mark.parametrize(
+    "layer_types,window",
+    [(None, None), (["sliding_attention", "full_attention", "sliding_attention"], 6)],
+    ids=["full", "sliding+full"],
+)
+def test_packed_forward_equals_separate_block_forwards(layer_types, window):
+    """Every block row of the packed forward equals the inference call for that block alone: the drafter over the
+    features of positions < a (a fresh target forward of the prefix) with the inference-time mask."""
+    target = tiny_target("qwen3", layers=5)
+    drafter = tiny_drafter(target, layers=3 if layer_types else 2, block_size=4, layer_types=layer_types,
+                           sliding_window=window)
+    B = 4
+    seqs = [random_prompt(22, seed=1)[0], random_prompt(13, seed=2)[0]]
+    examples = as_examples([{"input_ids": s, "loss_mask": torch.arange(len(s)) >= 4} for s in seqs])
+    # Anchors near the start, in the middle, past the window, and one whose block runs past the end.
+    anchors = [torch.tensor([4, 9, 19, 20]), torch.tensor([5, 11])]
+    batch = pack_blocks(examples, anchors, block_size=B, mask_token_id=MASK_ID, gamma=7.0)
+    ids = drafter.config.target_layer_ids
+    features = target_features(target, batch.input_ids, batch.attention_mask, ids)
+    noise = embed_block(drafter, target, batch.block_ids)
+    masks = layer_attention_masks(drafter.config, batch.anchors, batch.input_ids.shape[1], dtype=torch.float32)
+    with torch.no_grad():
+        packed = PackedDrafter(drafter)(noise, features, batch.position_ids, masks)
+    for i, seq_anchors in enumerate(anchors):
+        for j, a in enumerate(seq_anchors.tolist()):
+            block = torch.full((1, B), MASK_ID)
+            block[0, 0] = seqs[i][a]
+            with torch.no_grad():
+                alone = drafter(
+                    noise_embeds=embed_block(drafter, target, block),
+                    context_hidden_states=_features_for_prefix(target, seqs[i], a, ids),
+                    position_ids=torch.arange(a + B)[None],
+                ).last_hidden_state[0]
+            torch.testing.assert_close(packed[i, j * B : (j + 1) * B], alone, atol=2e-5, rtol=1e-4)
+    if layer_types:
+        # The per-layer masks matter: one full-attention mask for every layer gives different rows.
+        full = packed_visibility(batch.anchors, batch.input_ids.shape[1], B, causal=False, window=None)
+        with torch.no_grad():
+            wrong = PackedDrafter(drafter)(noise, features, batch.position_ids, [full, full.clone(), full.clone()])
+        assert (wrong - packed).abs().max() > 1e-3
+
+
+def test_packed_visibility_matches_definition():
+    """Brute-force check of the mask rule on a small case with a window and causal rows."""
+    anchors = torch.tensor([[2, 5], [3, 0]])
+    T, B, W = 7, 3, 4
+    for causal in (False, True):
+        for window in (None, W):
+            visible = packed_visibility(anchors, T, B, causal=causal, window=window)
+            assert visible.shape == (2, 1, 2 * B, T + 2 * B)
+            for b in range(2):
+                for qj in range(2):
+                    for qk in range(B):
+                        a = int(anchors[b, qj])
+                        q_pos = a + qk
+                        for t in range(T):
+                            expect = t < a and (window is None or q_pos - t < window)
+                            assert bool(visible[b, 0, qj * B + qk, t]) == expect
+                        for kj in range(2):
+                            for kk in range(B):
+                                expect = kj == qj and (not causal or kk <= qk) and (window is None or abs(qk - kk) < window)
+                                assert bool(visible[b, 0, qj * B + qk, T + kj * B + kk]) == expect
+
+
+def test_pack_blocks_layout_labels_and_weights():
+    ids = torch.arange(10, 22)  # 12 tokens
+    loss_mask = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    examples = as_examples([{"input_ids": ids, "loss_mask": loss_mask}, {"input_ids": ids[:7], "loss_mask": loss_mask[:7]}])
+    B, gamma = 4, 7.0
+    batch = pack_blocks(examples, [torch.tensor([4, 9]), torch.tensor([5])], block_size=B, mask_token_id=3,
+                        gamma=gamma, pad_token_id=0)
+    assert batch.block_ids.tolist() == [[14, 3, 3, 3, 19, 3, 3, 3], [15, 3, 3, 3, 10, 3, 3, 3]]
+    assert batch.block_valid.tolist() == [[True, True], [True, False]]
+    assert batch.position_ids[0].tolist() == list(range(12)) + [4, 5, 6, 7, 9, 10, 11, 12]
+    assert batch.position_ids[1, 12:].tolist() == [5, 6, 7, 8, 0, 1, 2, 3]
+    # Row k of the block at a is trained on token a + k while it exists and is a response token.
+    assert batch.labels[0].tolist() == [[15, 16, 17], [20, 21, -100]]
+    assert batch.labels[1].tolist() == [[16, -100, -100], [-100, -100, -100]]
+    decay = [math.exp(-(k - 1) / gamma) for k in (1, 2, 3)]
+    torch.testing.assert_close(batch.weights[0, 0], torch.tensor(decay))
+    assert batch.weights[0, 1, 2] == 0 and batch.weights[1, 1].sum() == 0
+    assert batch.attention_mask[1].tolist() == [1] * 7 + [0] * 5
+    assert default_gamma(16) == 7.0 and default_gamma(8) == 4.0
+
+
+def test_sample_anchors_only_on_response_positions():
+    loss_mask = torch.tensor([0] * 5 + [1] * 20 + [0, 0])
+    g = torch.Generator().manual_seed(0)
+    picks = [sample_anchors(loss_mask, 6, g) for _ in range(3)]
+    for a in picks:
+        assert a.numel() == 6 and len(set(a.tolist())) == 6 and a.tolist() == sorted(a.tolist())
+        assert all(5 <= x <= 23 for x in a.tolist())  # a and a + 1 are both response tokens
+    assert picks[0].tolist() != picks[1].tolist()  # re-drawn on every call (every epoch)
+    assert sample_anchors(loss_mask, 100, g).tolist() == list(range(5, 24))
+
+
+def test_dataset_validation_errors():
+    with pytest.raises(ValueError, match="loss_mask has 3 entries but input_ids has 4"):
+        as_examples([{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 1, 1]}])
+    with pytest.raises(ValueError, match="no usable sequence"):
+        as_examples([{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 0, 1]}, [7]])
+    with pytest.raises(FileNotFoundError, match="make-data"):
+        as_examples("/nonexistent/data.jsonl")
+
+
+def test_new_drafter_config_follows_target_and_picks_a_safe_mask_id():
+    tokenizer = tiny_chat_tokenizer()
+    target = tiny_target("llama", layers=8, vocab=len(tokenizer), eos=2)
+    config = new_drafter_config(target, num_layers=2, block_size=8, tokenizer=tokenizer)
+    assert config.target_layer_ids == [1, 2, 3, 4, 5]  # spread rule, 5 ids over 8 layers
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (64, 4, 2, 16)
+    assert config.vocab_size == len(tokenizer) and config.block_size == 8
+    # Every row is a real token: the pick is the unused special token, never pad/eos/bos/unk or a template token.
+    assert config.mask_token_id == tokenizer.convert_tokens_to_ids("<|spare|>") == 4
+    # A padded embedding table has spare rows: the first one past the tokenizer is used (as Qwen3's 151669).
+    padded = tiny_target("llama", layers=8, vocab=len(tokenizer) + 6)
+    assert pick_mask_token_id(tokenizer, padded) == len(tokenizer)
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        new_drafter_config(target, target_layer_ids=[1, 8], mask_token_id=4)
+    with pytest.raises(ValueError, match="mask_token_id or a tokenizer"):
+        new_drafter_config(target)
+    drafter = DFlashDraftModel(config)
+    assert count_parameters(config) == sum(p.numel() for p in drafter.parameters())
+
+
+def test_smollm2_drafter_size_budget():
+    """Parameter count of the SmolLM2 drafter shapes (hidden 576, 9/3 heads of 64, MLP 1536), checked against the
+    per-tensor shapes of the released layout, and the <= 40 MB bf16 budget for up to 5 layers."""
+    H, inter, q, kv, hd = 576, 1536, 9 * 64, 3 * 64, 64
+    per_layer = H * q + 2 * H * kv + q * H + 3 * H * inter + 2 * H + 2 * hd
+    for layers in (3, 4, 5):
+        config = DFlashConfig(hidden_size=H, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=9,
+                              num_key_value_heads=3, head_dim=hd, vocab_size=49152, block_size=16,
+                              dflash_config={"mask_token_id": 16, "target_layer_ids": [1, 8, 14, 20, 27]})
+        expected = 5 * H * H + 2 * H + layers * per_layer
+        assert count_parameters(config) == expected
+        assert expected * 2 <= 40_000_000, (layers, expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """A tiny target, its own greedy answers to 40 random prompts, and a drafter trained on 36 of them."""
+    target = tiny_target("qwen3", layers=4)
+    prompts = [random_prompt(12, seed=s)[0].tolist() for s in range(40)]
+    responses = generate_responses(target, prompts, max_new_tokens=40, batch_size=20, pad_token_id=0,
+                                   stop_token_ids=[2], progress=False)
+    data = [{"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)} for p, r in zip(prompts, responses)]
+    held_out = [{"category": "math" if s % 2 else "code", "input_ids": random_prompt(12, seed=1000 + s)[0].tolist()}
+                for s in range(4)]
+    drafter = tiny_drafter(target, layers=2, block_size=8)
+    untrained = evaluate_tau(target, drafter, held_out, max_new_tokens=40, stop_token_ids=[2], backend="hf")
+    return target, data, held_out, drafter, untrained
+
+
+def test_training_lowers_loss_and_raises_tau(tiny_run, tmp_path):
+    target, data, held_out, drafter, untrained = tiny_run
+    result = train_drafter(target, drafter, data[:36], max_steps=60, batch_size=4, num_anchors=16, lr=3e-3,
+                           eval_set=held_out, eval_every=30, eval_max_new_tokens=40, eval_backend="hf",
+                           stop_token_ids=[2], output_dir=tmp_path / "run", progress=False, log_every=10, seed=0)
+    losses = [h["loss"] for h in result.history]
+    assert result.steps == 60 and len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert [e["step"] for e in result.evals] == [0, 30, 60]
+    assert result.evals[0]["tau"] == pytest.approx(untrained["tau"])
+    final = result.final_eval
+    assert set(final["per_category"]) == {"code", "math"}
+    assert final["tau"] > untrained["tau"] + 0.25, (untrained["tau"], [e["tau"] for e in result.evals])
+    # The τ of the real loop on the trained drafter is what the saved drafter reproduces after a reload.
+    saved = DFlashDraftModel.from_pretrained(tmp_path / "run" / "drafter", dtype=torch.float32)
+    reloaded = evaluate_tau(target, saved, held_out, max_new_tokens=40, stop_token_ids=[2], backend="hf")
+    assert reloaded["tau"] > untrained["tau"] + 0.25
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final_tau"] == pytest.approx(final["tau"])
+    assert metrics["untrained_tau"] == pytest.approx(untrained["tau"])
+    assert metrics["final_tau_per_category"].keys() == {"code", "math"}
+    assert len(metrics["history"]) == 6
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (tmp_path / "run" / "curves.png").exists()
+    else:
+        assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_checkpoint_keeps_the_released_layout(tmp_path):
+    target = tiny_target("llama", layers=6)
+    drafter = tiny_drafter(target, layers=2, block_size=4)
+    sequences = [random_prompt(30, seed=s)[0] for s in range(4)]  # in-memory token ids: loss after the first token
+    train_drafter(target, drafter, sequences, max_steps=2, batch_size=2, num_anchors=4, output_dir=tmp_path,
+                  progress=False, plot=False)
+    folder = tmp_path / "drafter"
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+        dtypes = {handle.get_tensor(k).dtype for k in keys}
+    per_layer = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight"}
+    expected = {"fc.weight", "hidden_norm.weight", "norm.weight"} | {f"layers.{i}.{k}" for i in range(2) for k in per_layer}
+    assert keys == expected  # no embedding, no head, no mask row, no prefix
+    assert dtypes == {torch.bfloat16}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dflash_config"]["mask_token_id"] == MASK_ID
+    assert config["dflash_config"]["target_layer_ids"] == drafter.config.target_layer_ids
+    assert config["block_size"] == 4
+    loaded = DFlashDraftModel.from_pretrained(folder, dtype=torch.bfloat16)
+    reference = drafter.to(torch.bfloat16)
+    for name, tensor in reference.state_dict().items():
+        if name in expected:
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_make_data_writes_the_targets_own_answers(tmp_path):
+    tokenizer = tiny_chat_tokenizer()
+    target = tiny_target("qwen3", layers=3, vocab=len(tokenizer), eos=2)
+    prompts = [{"category": "math", "prompt": "What is 2+2?"}, {"category": "chat", "prompt": "Hello"},
+               {"category": "code", "prompt": "def f(x): return x"}, "a plain string prompt"]
+    summary = make_data(target, tokenizer, prompts, max_new_tokens=10, batch_size=3, out_path=tmp_path / "d.jsonl",
+                        progress=False)
+    records = load_jsonl(tmp_path / "d.jsonl")
+    assert summary["records"] == len(records) == 4
+    assert [r["category"] for r in records] == ["math", "chat", "code", "unknown"]
+    for prompt, record in zip(prompts, records):
+        text = prompt if isinstance(prompt, str) else prompt["prompt"]
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompt_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        n = len(prompt_ids)
+        assert record["prompt"] == text
+        assert record["input_ids"][:n] == prompt_ids
+        assert record["loss_mask"] == [0] * n + [1] * (len(record["input_ids"]) - n)
+        response = record["input_ids"][n:]
+        assert 1 <= len(response) <= 10
+        assert 2 not in response[:-1]  # cut right after the first stop token
+        # Batched, left-padded generation gives each prompt the target's own greedy answer.
+        alone = greedy(target, torch.tensor([prompt_ids]), 10, eos_token_id=2, pad_token_id=0)[0, n:].tolist()
+        cut = alone.index(2) + 1 if 2 in alone else len(alone)
+        assert response == alone[:cut]
+        assert record["response"] == tokenizer.decode(response, skip_special_tokens=True)
+    assert summary["response_tokens"] == sum(sum(r["loss_mask"]) for r in records)
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.chat_template = None
+        make_data(target, tokenizer, ["x"], 4, 1, tmp_path / "e.jsonl", progress=False)
