@@ -108,6 +108,7 @@ class DFlashConfig(Qwen3Config):
         sliding_window = kwargs.get("sliding_window")
         layer_types = kwargs.get("layer_types")
         super().__init__(**kwargs)
+        self._sync_legacy_rope_keys()
 
         if self.target_layer_ids is None and self.num_target_layers is not None:
             # z-lab's fallback: as many ids as draft layers (`build_target_layer_ids(L, num_hidden_layers)`).
@@ -117,7 +118,9 @@ class DFlashConfig(Qwen3Config):
             self.target_layer_ids = [int(i) for i in self.target_layer_ids]
         self.num_context_layers = len(self.target_layer_ids) if self.target_layer_ids else num_context_layers
         # Keep the nested dict in sync so that what we save still reads correctly in vLLM / SGLang / z-lab code.
-        nested.update({k: getattr(self, k) for k in ("mask_token_id", "target_layer_ids") if getattr(self, k) is not None})
+        nested.update(
+            {k: getattr(self, k) for k in ("mask_token_id", "target_layer_ids") if getattr(self, k) is not None}
+        )
         self.dflash_config = nested
         if layer_types is not None and "sliding_attention" in layer_types and sliding_window is not None:
             self.sliding_window = sliding_window
@@ -125,6 +128,32 @@ class DFlashConfig(Qwen3Config):
             raise ValueError(
                 f"layer_types {self.layer_types} has sliding layers but sliding_window is None; set sliding_window."
             )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """config.json as a dict; a released z-lab drafter's `model_type: "qwen3"` is read as ours.
+
+        Every z-lab drafter config says "qwen3" (with `architectures: ["DFlashDraftModel"]`); it is a DFlash config
+        all the same, so `from_pretrained` should not warn that the types differ.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "qwen3" and "DFlashDraftModel" in (config_dict.get("architectures") or []):
+            config_dict = dict(config_dict, model_type=cls.model_type)
+        return config_dict, kwargs
+
+    def _sync_legacy_rope_keys(self) -> None:
+        """Write `rope_theta` / `rope_scaling` beside 5.x's `rope_parameters`.
+
+        transformers 5.x saves only `rope_parameters` (and `"rope_theta": null`); 4.57 reads `rope_theta` and would
+        silently fall back to 10000, so a drafter saved on 5.x must carry both spellings.
+        """
+        params = getattr(self, "rope_parameters", None)
+        if not isinstance(params, dict) or params.get("rope_theta") is None:
+            return
+        if getattr(self, "rope_theta", None) is None:
+            self.rope_theta = params["rope_theta"]
+        if params.get("rope_type", "default") != "default" and getattr(self, "rope_scaling", None) is None:
+            self.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
 
     def layer_is_causal(self, layer_idx: int) -> bool:
         """Sliding layers are causal, full layers bidirectional, unless `is_causal` overrides all (z-lab ref-v2)."""

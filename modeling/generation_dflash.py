@@ -75,13 +75,23 @@ def embed_block(drafter: nn.Module, target: nn.Module, block_ids: torch.LongTens
     """`[batch, block]` ids -> `[batch, block, hidden]` target embeddings, with the embedding scale applied once.
 
     With `input_embedding_scale` in the drafter config (z-lab ref-v2), the raw embedding row is scaled by it;
-    otherwise the target's embedding module is called, which includes a Gemma target's own `sqrt(hidden)` scale.
+    otherwise the target's embedding module is called, which includes a Gemma target's own `sqrt(hidden)` scale
+    (and skips an `embed_norm` inside the module, if any).
     """
     embedding = target.get_input_embeddings()
     scale = drafter.config.input_embedding_scale
     if scale is not None:
         return F.embedding(block_ids, embedding.weight) * scale
-    return embedding(block_ids)
+    # Some targets (MuseGlimmer / MuseSpark) normalise inside the embedding module; DFlash drafts from the plain
+    # embedding, so the norm is bypassed for this call, as transformers' native DFlash generator does.
+    embed_norm = getattr(embedding, "embed_norm", None)
+    if embed_norm is None:
+        return embedding(block_ids)
+    try:
+        embedding.embed_norm = nn.Identity()
+        return embedding(block_ids)
+    finally:
+        embedding.embed_norm = embed_norm
 
 
 def check_drafter_fits_target(drafter: nn.Module, target: nn.Module) -> None:
@@ -309,9 +319,10 @@ def _dflash_assisted_decoding(original):
         check_drafter_fits_target(drafter, self)
         if input_ids.shape[0] > 1:
             raise ValueError(
-                f"generate(assistant_model=<DFlash drafter>) got a batch of {input_ids.shape[0]} sequences; transformers' "
-                "assisted loop runs one at a time. Use dflash_hf.generate(target, drafter, input_ids, attention_mask) "
-                "or custom_generate=<exported drafter folder> for batches."
+                f"generate(assistant_model=<DFlash drafter>) got a batch of {input_ids.shape[0]} sequences "
+                "(batch size > 1); transformers' assisted loop runs one at a time. Use "
+                "dflash_hf.generate(target, drafter, input_ids, attention_mask) or "
+                "custom_generate=<exported drafter folder> for batches."
             )
         stats = DFlashStats()
         drafter.last_stats = stats
@@ -354,7 +365,9 @@ def install_generate_integration() -> None:
 
 
 @torch.no_grad()
-def dflash_spec_generate(drafter, target, input_ids, max_new_tokens, stop_token_ids, temperature=0.0, top_p=1.0, top_k=0):
+def dflash_spec_generate(
+    drafter, target, input_ids, max_new_tokens, stop_token_ids, temperature=0.0, top_p=1.0, top_k=0
+) -> torch.LongTensor:
     """`drafter.spec_generate(...)`: prompt + new tokens `[1, prompt + new]` through `target.generate`."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"spec_generate takes one sequence (batch 1), got {input_ids.shape[0]}.")

@@ -171,7 +171,7 @@ class DFlashAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
-        implementation = self.config._attn_implementation
+        implementation = self.config._attn_implementation or "eager"
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask
         else:
@@ -236,15 +236,9 @@ class DFlashPreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-
-    def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, Qwen3RMSNorm):
-            module.weight.data.fill_(1.0)
+    # No `_init_weights` override: transformers' own covers Linear (normal, initializer_range) and RMSNorm (ones), and
+    # in 5.x it also recomputes the rotary `inv_freq`, a non-persistent buffer that from_pretrained otherwise leaves
+    # uninitialised after building the model on the meta device (RoPE silently lost).
 
 
 class DFlashDraftModel(DFlashPreTrainedModel):
@@ -331,6 +325,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         noise_embedding: torch.Tensor | None = None,
         target_hidden: torch.Tensor | None = None,
         cache_position: torch.LongTensor | None = None,
+        is_causal: bool | None = None,
         **kwargs,
     ):
         """Draft one block.
@@ -342,6 +337,12 @@ class DFlashDraftModel(DFlashPreTrainedModel):
             attention_mask: optional `[batch, cached + n_ctx + block]` key padding mask (1 = real token), or a ready
                 4D additive mask `[batch, 1, block, cached + n_ctx + block]`.
             past_key_values / cache: draft KV cache; the caller crops the block rows after the call.
+            noise_embedding / target_hidden: z-lab's names for `noise_embeds` / `context_hidden_states`; with them
+                the call returns the tensor `[batch, block, hidden]` instead of a model output.
+            is_causal: accepted for z-lab's ref-v1 loop, which passes `is_causal=False`, and ignored: the attention
+                pattern of each layer comes from the config (sliding layers causal, full layers not, or the
+                config's `is_causal` for all), as in z-lab's ref-v2, vLLM and SGLang.
+            use_cache / cache_position: accepted for transformers' callers and ignored (the cache is used if given).
         """
         reference_call = noise_embedding is not None
         noise_embeds = noise_embedding if reference_call else noise_embeds

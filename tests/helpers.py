@@ -31,8 +31,12 @@ REMOTE_CODE_FILES = ("dflash.py", "modeling_dflash.py", "configuration_dflash.py
 
 def tiny_target(family: str = "qwen3", *, layers: int = 6, hidden: int = 64, vocab: int = VOCAB, seed: int = 0,
                 eos: int = 2, dtype=torch.float32, attn_implementation: str | None = None, heads: int = 4,
-                tie: bool = True):
-    """A random decoder-only LM of `family` ('qwen3', 'llama' or 'gemma3') small enough for CPU tests."""
+                tie: bool = False):
+    """A random decoder-only LM of `family` ('qwen3', 'llama' or 'gemma3') small enough for CPU tests.
+
+    Untied and rescaled so that greedy paths are varied (a tied, sharp head mostly repeats the current token) and far
+    from ties (fp32 top-1/top-2 margins of 1e-3 and more, against ~1e-6 of verify-vs-step numerical noise).
+    """
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), head_dim=hidden // heads,
@@ -53,11 +57,10 @@ def tiny_target(family: str = "qwen3", *, layers: int = 6, hidden: int = 64, voc
         raise ValueError(family)
     config._attn_implementation = attn_implementation or ("eager" if family == "gemma3" else "sdpa")
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    # Sharper distributions than N(0, 0.02) so greedy paths are far from ties and drafts are sometimes right.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.mul_(4.0)
+                p.mul_(8.0 if ("embed" in name or "lm_head" in name) else 2.0)
     return model
 
 
@@ -181,10 +184,17 @@ def random_prompt(length: int, seed: int = 0, vocab: int = VOCAB) -> torch.LongT
     return torch.randint(6, vocab, (1, length), generator=g)
 
 
-def first_new_token_after(sequence: list[int], index: int) -> tuple[int, int]:
+def first_new_token_after(sequence: list[int], index: int, block: int | None = None) -> tuple[int, int]:
     """(position, id) of the first token at or after `index` that does not occur before it: a token that, used as
-    EOS, stops greedy generation exactly there."""
+    EOS, stops greedy generation exactly there.
+
+    With `block`, only positions strictly inside a block of a fully accepting drafter qualify: position 0 comes
+    from the prefill and each block then commits positions `1 + k*block ... (k+1)*block`, so positions `p` with
+    `p % block` in {0, 1} (the bonus, or the first draft) are skipped.
+    """
     for pos in range(index, len(sequence)):
+        if block is not None and pos % block in (0, 1):
+            continue
         if sequence[pos] not in sequence[:pos]:
             return pos, sequence[pos]
     raise AssertionError(f"no new token after index {index} in {sequence}")

@@ -83,8 +83,8 @@ def test_optional_keys_at_top_level():
 def test_layer_types_sliding_window_kept_without_use_sliding_window():
     # Released gemma / Qwen3.6 drafters mark sliding layers through layer_types only (use_sliding_window false).
     types = ["sliding_attention"] * 4 + ["full_attention"]
-    config = DFlashConfig(**SMALL, num_hidden_layers=5, layer_types=types, sliding_window=2048, use_sliding_window=False,
-                          dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 2]})
+    config = DFlashConfig(**SMALL, num_hidden_layers=5, layer_types=types, sliding_window=2048,
+                          use_sliding_window=False, dflash_config={"mask_token_id": 4, "target_layer_ids": [1, 2]})
     assert config.sliding_window == 2048
     assert [config.layer_window(i) for i in range(5)] == [2048] * 4 + [None]
     # ref-v2: sliding layers are causal, full layers bidirectional ...

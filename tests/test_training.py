@@ -8,7 +8,7 @@ import string
 
 import pytest
 import torch
-from helpers import MASK_ID, greedy, random_prompt, tiny_drafter, tiny_target
+from helpers import MASK_ID, VOCAB, greedy, random_prompt, tiny_drafter, tiny_target
 from safetensors import safe_open
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
@@ -144,15 +144,17 @@ def test_pack_blocks_layout_labels_and_weights():
                         gamma=gamma, pad_token_id=0)
     assert batch.block_ids.tolist() == [[14, 3, 3, 3, 19, 3, 3, 3], [15, 3, 3, 3, 10, 3, 3, 3]]
     assert batch.block_valid.tolist() == [[True, True], [True, False]]
-    assert batch.position_ids[0].tolist() == list(range(12)) + [4, 5, 6, 7, 9, 10, 11, 12]
-    assert batch.position_ids[1, 12:].tolist() == [5, 6, 7, 8, 0, 1, 2, 3]
+    T = batch.input_ids.shape[1]
+    assert T == 16  # padded to a multiple of 16
+    assert batch.position_ids[0].tolist() == list(range(T)) + [4, 5, 6, 7, 9, 10, 11, 12]
+    assert batch.position_ids[1, T:].tolist() == [5, 6, 7, 8, 0, 1, 2, 3]
     # Row k of the block at a is trained on token a + k while it exists and is a response token.
     assert batch.labels[0].tolist() == [[15, 16, 17], [20, 21, -100]]
     assert batch.labels[1].tolist() == [[16, -100, -100], [-100, -100, -100]]
     decay = [math.exp(-(k - 1) / gamma) for k in (1, 2, 3)]
     torch.testing.assert_close(batch.weights[0, 0], torch.tensor(decay))
     assert batch.weights[0, 1, 2] == 0 and batch.weights[1, 1].sum() == 0
-    assert batch.attention_mask[1].tolist() == [1] * 7 + [0] * 5
+    assert batch.attention_mask[1].tolist() == [1] * 7 + [0] * 9
     assert default_gamma(16) == 7.0 and default_gamma(8) == 4.0
 
 
@@ -196,6 +198,22 @@ def test_new_drafter_config_follows_target_and_picks_a_safe_mask_id():
     assert count_parameters(config) == sum(p.numel() for p in drafter.parameters())
 
 
+def test_new_drafter_config_saves_rope_theta_at_the_top_level(tmp_path):
+    """RoPE must survive a save on any transformers version and a load on any other: 4.57 and z-lab's schema read
+    only the top-level rope_theta (5.x alone would write null there)."""
+    target = tiny_target("llama", layers=6)
+    target.config.rope_theta = 12345.0
+    if isinstance(getattr(target.config, "rope_parameters", None), dict):
+        target.config.rope_parameters["rope_theta"] = 12345.0
+    config = new_drafter_config(target, num_layers=1, mask_token_id=MASK_ID)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_theta"] == 12345.0
+    drafter = DFlashDraftModel(DFlashConfig.from_pretrained(tmp_path))
+    expected = 1.0 / 12345.0 ** (torch.arange(0, 16, 2).float() / 16)
+    torch.testing.assert_close(drafter.rotary_emb.inv_freq.float(), expected)
+
+
 def test_smollm2_drafter_size_budget():
     """Parameter count of the SmolLM2 drafter shapes (hidden 576, 9/3 heads of 64, MLP 1536), checked against the
     per-tensor shapes of the released layout, and the <= 40 MB bf16 budget for up to 5 layers."""
@@ -210,38 +228,62 @@ def test_smollm2_drafter_size_budget():
         assert expected * 2 <= 40_000_000, (layers, expected)
 
 
+def arithmetic_sequences(n: int, length: int, seed: int) -> torch.Tensor:
+    """`[n, length]` token sequences `s, s+d, s+2d, ...` (mod the non-special range 6..95), d in {1, 2, 3}."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB - 6, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    return (start + step * torch.arange(length)) % (VOCAB - 6) + 6
+
+
 @pytest.fixture(scope="module")
 def tiny_run():
-    """A tiny target, its own greedy answers to 40 random prompts, and a drafter trained on 36 of them."""
+    """A tiny target that has learnt a rule (continue an arithmetic sequence), its own greedy answers to 40 prompts,
+    4 held-out prompts and an untrained drafter. A random target's continuations follow no pattern a drafter could
+    learn from 40 examples; a trained one has structure, as real LMs do, that carries over to unseen prompts."""
     target = tiny_target("qwen3", layers=4)
-    prompts = [random_prompt(12, seed=s)[0].tolist() for s in range(40)]
-    responses = generate_responses(target, prompts, max_new_tokens=40, batch_size=20, pad_token_id=0,
+    target.train()
+    optimizer = torch.optim.AdamW(target.parameters(), lr=3e-3)
+    for step in range(40):
+        batch = arithmetic_sequences(16, 40, seed=step)
+        loss = target(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    target.eval().requires_grad_(False)
+    assert loss.item() < 0.5  # the target follows the rule
+    prompts = arithmetic_sequences(44, 8, seed=10_000).tolist()
+    responses = generate_responses(target, prompts[:40], max_new_tokens=40, batch_size=20, pad_token_id=0,
                                    stop_token_ids=[2], progress=False)
     data = [{"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)} for p, r in zip(prompts, responses)]
-    held_out = [{"category": "math" if s % 2 else "code", "input_ids": random_prompt(12, seed=1000 + s)[0].tolist()}
-                for s in range(4)]
-    drafter = tiny_drafter(target, layers=2, block_size=8)
+    # Prompts of different lengths, so the batched evaluation pads.
+    held_out = [{"category": "math" if i % 2 else "code", "input_ids": p[: 8 - i]} for i, p in enumerate(prompts[40:])]
+    drafter = tiny_drafter(target, layers=2, block_size=8, layer_ids=[1, 2])
     untrained = evaluate_tau(target, drafter, held_out, max_new_tokens=40, stop_token_ids=[2], backend="hf")
     return target, data, held_out, drafter, untrained
 
 
 def test_training_lowers_loss_and_raises_tau(tiny_run, tmp_path):
     target, data, held_out, drafter, untrained = tiny_run
-    result = train_drafter(target, drafter, data[:36], max_steps=60, batch_size=4, num_anchors=16, lr=3e-3,
-                           eval_set=held_out, eval_every=30, eval_max_new_tokens=40, eval_backend="hf",
-                           stop_token_ids=[2], output_dir=tmp_path / "run", progress=False, log_every=10, seed=0)
+    result = train_drafter(target, drafter, data, max_steps=150, batch_size=4, num_anchors=16, lr=5e-3,
+                           eval_set=held_out, eval_every=75, eval_max_new_tokens=40, eval_backend="hf",
+                           stop_token_ids=[2], output_dir=tmp_path / "run", progress=False, log_every=25, seed=0)
     losses = [h["loss"] for h in result.history]
-    assert result.steps == 60 and len(losses) == 6
-    assert losses[-1] < 0.7 * losses[0], losses
-    assert [e["step"] for e in result.evals] == [0, 30, 60]
+    assert result.steps == 150 and len(losses) == 6
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert [e["step"] for e in result.evals] == [0, 75, 150]
     assert result.evals[0]["tau"] == pytest.approx(untrained["tau"])
+    assert untrained["tau"] < 1.2  # an untrained drafter almost never guesses right
     final = result.final_eval
     assert set(final["per_category"]) == {"code", "math"}
-    assert final["tau"] > untrained["tau"] + 0.25, (untrained["tau"], [e["tau"] for e in result.evals])
-    # The τ of the real loop on the trained drafter is what the saved drafter reproduces after a reload.
+    # Observed: about 3.7 after training, from 1.0; the margin leaves room for platform numerics.
+    assert final["tau"] > untrained["tau"] + 1.0, (untrained["tau"], [e["tau"] for e in result.evals], losses)
+    # The saved (bf16) drafter, reloaded, keeps most of it, measured by the stock HF loop and by the batched loop.
     saved = DFlashDraftModel.from_pretrained(tmp_path / "run" / "drafter", dtype=torch.float32)
     reloaded = evaluate_tau(target, saved, held_out, max_new_tokens=40, stop_token_ids=[2], backend="hf")
-    assert reloaded["tau"] > untrained["tau"] + 0.25
+    assert reloaded["tau"] > untrained["tau"] + 1.0
+    batched = evaluate_tau(target, saved, held_out, max_new_tokens=40, stop_token_ids=[2], backend="dflash")
+    assert batched["backend"] == "dflash" and batched["tau"] > untrained["tau"] + 1.0
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final_tau"] == pytest.approx(final["tau"])
@@ -315,3 +357,22 @@ def test_make_data_writes_the_targets_own_answers(tmp_path):
     with pytest.raises(ValueError, match="no chat template"):
         tokenizer.chat_template = None
         make_data(target, tokenizer, ["x"], 4, 1, tmp_path / "e.jsonl", progress=False)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bf16_target_with_autocast_as_on_gpu(attn, tmp_path):
+    """The GPU configuration on CPU: bf16 target, fp32 drafter weights, bf16 autocast, evaluation with a bf16 copy
+    of the drafter (the training copy stays fp32)."""
+    target = tiny_target("qwen3", layers=4, dtype=torch.bfloat16)
+    drafter = tiny_drafter(target, layers=1, block_size=4, layer_ids=[1, 2], attn_implementation=attn)
+    assert drafter.config._attn_implementation == attn  # eager takes the additive bf16 mask, sdpa the boolean one
+    sequences = [random_prompt(24, seed=s)[0] for s in range(4)]
+    held_out = [{"category": "chat", "input_ids": random_prompt(6, seed=99)[0].tolist()}]
+    result = train_drafter(target, drafter, sequences, max_steps=3, batch_size=2, num_anchors=4, autocast=True,
+                           eval_set=held_out, eval_max_new_tokens=8, eval_backend="dflash", output_dir=tmp_path,
+                           progress=False, plot=False, log_every=1)
+    assert all(math.isfinite(h["loss"]) for h in result.history) and len(result.history) == 3
+    assert next(drafter.parameters()).dtype == torch.float32
+    assert all(1.0 <= e["tau"] <= 4.0 for e in result.evals)
+    hf = evaluate_tau(target, drafter, held_out, max_new_tokens=8, backend="hf")
+    assert hf["steps"] > 0

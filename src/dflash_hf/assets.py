@@ -93,15 +93,25 @@ def _portable_config(folder: Path) -> None:
     for key in ("dtype", "torch_dtype"):
         config[key] = "bfloat16"
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _portable_tokenizer_config(folder)
 
-    # 5.x names its tokenizer class "TokenizersBackend", which 4.57 does not know; PreTrainedTokenizerFast reads the
-    # same tokenizer.json in both. Loading-time flags saved by 5.x are dropped.
+
+def _portable_tokenizer_config(folder: Path) -> None:
+    """Make tokenizer_config.json read the same under transformers 4.57 and 5.x (idempotent; writes only changes).
+
+    5.x names its tokenizer class "TokenizersBackend", which 4.57 does not know; PreTrainedTokenizerFast reads the
+    same tokenizer.json in both. Its 4.57 default inputs include `token_type_ids`, which a Llama model rejects in
+    `generate(**inputs)`, so the inputs are named explicitly. Loading-time flags saved by 5.x are dropped.
+    """
     path = folder / "tokenizer_config.json"
-    tok_config = json.loads(path.read_text())
+    before = json.loads(path.read_text())
+    tok_config = dict(before)
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config["model_input_names"] = ["input_ids", "attention_mask"]
     for key in ("backend", "is_local", "local_files_only"):
         tok_config.pop(key, None)
-    path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    if tok_config != before:
+        path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
 
 
 def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
@@ -167,6 +177,8 @@ def smollm2_path(*, progress: bool = True) -> Path:
     folder = smollm2_cache_dir()
     if not _cache_is_complete(folder):
         convert_smollm2(folder, progress=progress)
+    else:
+        _portable_tokenizer_config(folder)  # caches written before this fix-up existed
     return folder
 
 

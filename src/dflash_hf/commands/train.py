@@ -144,6 +144,7 @@ def eval_prompts(args, tokenizer) -> list[dict]:
 def run(args) -> int:
     check_arguments(args)
     import torch
+    import torch.distributed
 
     from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
     from dflash_hf.training.data import pad_token_id, stop_token_ids
@@ -157,7 +158,12 @@ def run(args) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         started = time.perf_counter()
+        # Rank 0 loads first, so a one-time conversion (smollm2) runs once, not once per process.
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()
         target, tokenizer = load_target(args.target, dtype, device)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
         load_seconds = time.perf_counter() - started
         if args.init_from:
             drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)

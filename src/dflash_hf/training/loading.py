@@ -18,9 +18,13 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a torch device (use auto, cpu, cuda or cuda:N).") from None
+    if resolved.type == "cuda" and resolved.index is None:
+        # Under torchrun, plain "cuda" means this process's GPU, not GPU 0 for every rank.
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -191,6 +192,13 @@ def new_drafter_config(
     kwargs.update(overrides)
     config = DFlashConfig(**kwargs)
     config.architectures = ["DFlashDraftModel"]
+    # transformers 5.x saves `rope_theta: null` next to `rope_parameters`, and 4.57 (and z-lab's released schema) read
+    # only the top-level `rope_theta` / `rope_scaling`: without them a 4.57 load silently falls back to theta 10000.
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and parameters.get("rope_theta") is not None:
+        config.rope_theta = float(parameters["rope_theta"])
+        if parameters.get("rope_type", "default") != "default":
+            config.rope_scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
     return config
 
 
@@ -255,7 +263,9 @@ def pack_blocks(
     occupies query rows `j*B .. j*B+B-1`; sequences with fewer blocks get dummy blocks at anchor 0 with no labels."""
     B = block_size
     b = len(examples)
-    T = max(int(e["input_ids"].numel()) for e in examples)
+    # Context length rounded up to a multiple of 16: the key axis T + Q then stays aligned, which the fused sdpa
+    # kernels want for an explicit mask (the extra positions are padding, masked like any other).
+    T = -(-max(int(e["input_ids"].numel()) for e in examples) // 16) * 16
     m = max(max(int(a.numel()) for a in anchors), 1)
     input_ids = torch.full((b, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, T), dtype=torch.long)
@@ -433,19 +443,20 @@ def evaluate_tau(
 
     `eval_set` items are `{category, input_ids}` (prompt ids). Backends: "hf" runs
     `target.generate(assistant_model=drafter)` one prompt at a time and reads `drafter.last_stats`; "dflash" runs
-    the batched `dflash_hf.generate`; "auto" takes "dflash" when it exists. Returns `{tau, per_category: {cat: tau},
+    the batched `dflash_hf.DFlashDecoder` (eager: no CUDA graphs or compilation, which would cost more time than a
+    small evaluation and do not change tau); "auto" takes "dflash" when it exists. Returns `{tau, per_category: {cat: tau},
     steps, tokens, seconds, backend}`, where tau is tokens committed per verify step (bonus included), pooled over
     steps.
     """
     import dflash_hf
 
-    fast = getattr(dflash_hf, "generate", None)
+    fast = getattr(dflash_hf, "DFlashDecoder", None)
     if backend == "auto":
         backend = "dflash" if fast is not None else "hf"
     if backend not in ("hf", "dflash"):
         raise ValueError(f"backend={backend!r} must be 'auto', 'hf' or 'dflash'.")
     if backend == "dflash" and fast is None:
-        raise ValueError("backend='dflash' needs dflash_hf.generate, which this install lacks; use backend='hf'.")
+        raise ValueError("backend='dflash' needs dflash_hf.DFlashDecoder, which this install lacks; use backend='hf'.")
     model = _eval_copy(drafter, target)
     was_training = model.training
     model.eval()
@@ -466,6 +477,8 @@ def evaluate_tau(
                     model.last_stats.acceptance_lengths
                 )
         else:
+            longest = max(len(item["input_ids"]) for item in eval_set)
+            decoder = fast(target, model, max_length=longest + max_new_tokens, cuda_graphs=False, compile=False)
             for first in range(0, len(eval_set), batch_size):
                 chunk = eval_set[first : first + batch_size]
                 width = max(len(item["input_ids"]) for item in chunk)
@@ -475,9 +488,8 @@ def evaluate_tau(
                     n = len(item["input_ids"])
                     input_ids[r, width - n :] = torch.as_tensor(item["input_ids"])
                     attention_mask[r, width - n :] = 1
-                out = fast(target, model, input_ids.to(device), attention_mask.to(device),
-                           max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids) or None,
-                           pad_token_id=pad_token_id)
+                out = decoder.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                                       stop_token_ids=list(stop_token_ids) or None, pad_token_id=pad_token_id)
                 for item, lengths in zip(chunk, out.acceptance_lengths):
                     per_category.setdefault(item.get("category", "unknown"), []).extend(int(x) for x in lengths)
     finally:
@@ -638,9 +650,7 @@ def train_drafter(
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(
-            packed, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+        model = DistributedDataParallel(packed, device_ids=[device.index] if device.type == "cuda" else None)
 
     per_rank = len(examples) // world
     if per_rank < 1:
@@ -674,8 +684,9 @@ def train_drafter(
         if step > 0:
             timers["eval_in_loop"] += report["seconds"]
         if bar is not None:
+            # stderr: stdout is kept for the commands' machine-readable summaries.
             bar.write(f"step {step}: tau {report['tau']:.3f} " +
-                      " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()))
+                      " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()), file=sys.stderr)
 
     timers = {"eval_in_loop": 0.0}
     bar = tqdm(total=total_steps, desc="training drafter", unit="step", disable=not (progress and main_process),
@@ -786,7 +797,8 @@ def plot_curves(result: TrainResult, path: str | os.PathLike) -> Path | None:
     steps = [h["step"] for h in result.history]
     left.plot(steps, [h["loss"] for h in result.history], label="weighted CE")
     left.set_xlabel("step")
-    left.set_ylabel("loss")
+    left.set_ylabel("loss (log scale)")
+    left.set_yscale("log")  # a fresh drafter starts far above ln(vocab) on large vocabularies
     twin = left.twinx()
     twin.plot(steps, [h["train_tau"] for h in result.history], color="tab:orange", label="teacher-forced tau")
     twin.set_ylabel("teacher-forced tau")

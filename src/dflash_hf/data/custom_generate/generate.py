@@ -58,7 +58,7 @@ def _token_list(value) -> list[int]:
 
 
 def generate(model, input_ids=None, attention_mask=None, assistant_model=None, generation_config=None, streamer=None,
-             inputs=None, return_dict_in_generate=None, cuda_graphs=None, generator=None, **kwargs):
+             inputs=None, return_dict_in_generate=None, cuda_graphs=None, compile=None, generator=None, **kwargs):
     """Batched DFlash generation with `model` as target and `assistant_model` as drafter (see the module docstring).
 
     Args:
@@ -68,6 +68,8 @@ def generate(model, input_ids=None, attention_mask=None, assistant_model=None, g
         assistant_model: the DFlash drafter, e.g. `AutoModel.from_pretrained(REPO, trust_remote_code=True)`.
         generation_config / kwargs: `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
             `eos_token_id`, `pad_token_id`, as for `generate`.
+        cuda_graphs / compile: the loop's CUDA graph capture and `torch.compile` switches (default: on for CUDA).
+        generator: optional `torch.Generator` seeding the sampling.
     """
     if assistant_model is None:
         raise ValueError(
@@ -133,9 +135,12 @@ def generate(model, input_ids=None, attention_mask=None, assistant_model=None, g
         pad_token_id=pad,
         streamer=streamer,
         cuda_graphs=cuda_graphs,
+        compile=compile,
         generator=generator,
     )
     assistant_model.last_stats = DFlashStats(
         acceptance_lengths=[n for row in out.acceptance_lengths for n in row]
     )
+    if return_dict_in_generate is None:
+        return_dict_in_generate = bool(getattr(config, "return_dict_in_generate", False))
     return out if return_dict_in_generate else out.sequences

@@ -1,0 +1,129 @@
+"""`dflash-hf make-data` and `dflash-hf train` through real subprocesses, including a 2-process gloo DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import tiny_target
+from test_training import tiny_chat_tokenizer
+
+from dflash_hf import DFlashDraftModel
+
+
+def run_cli(*args: str, timeout: int = 240, module: tuple[str, ...] = ("-m", "dflash_hf")):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, *module, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A tiny Qwen3 target with a real chat tokenizer, saved as a normal model folder."""
+    folder = tmp_path_factory.mktemp("target")
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_target("qwen3", layers=4, vocab=len(tokenizer), eos=2)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    # Character-level tokens make the built-in prompts long (hundreds of tokens); RoPE has no length limit.
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(target_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "data.jsonl"
+    result = run_cli("make-data", "--target", str(target_dir), "--output", str(out), "--categories", "math",
+                     "--n-per-category", "8", "--max-new-tokens", "24", "--batch-size", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["records"] == 8 and summary["path"] == str(out)
+    return out
+
+
+def test_make_data_cli_writes_jsonl(data_file):
+    records = [json.loads(line) for line in data_file.read_text().splitlines()]
+    assert len(records) == 8 and {r["category"] for r in records} == {"math"}
+    for record in records:
+        assert set(record) == {"category", "prompt", "response", "input_ids", "loss_mask"}
+        assert len(record["input_ids"]) == len(record["loss_mask"])
+        n_prompt = record["loss_mask"].index(1)
+        assert record["loss_mask"] == [0] * n_prompt + [1] * (len(record["loss_mask"]) - n_prompt)
+        assert record["input_ids"][0] == 1  # the chat template's <|im_start|>
+        assert 1 <= len(record["input_ids"]) - n_prompt <= 24
+
+
+def test_train_cli_writes_a_loadable_drafter_and_metrics(target_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--target", str(target_dir), "--data", str(data_file), "--output", str(out),
+                     "--num-layers", "1", "--block-size", "4", "--target-layer-ids", "1,2", "--max-steps", "6",
+                     "--batch-size", "4", "--num-anchors", "8", "--eval-per-category", "1",
+                     "--eval-max-new-tokens", "12", "--no-progress", "--no-plot")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final_tau_per_category"]) == {"code", "math", "chat"}
+    assert all(1.0 <= tau <= 4.0 for tau in metrics["final_tau_per_category"].values())
+    assert metrics["run"]["world_size"] == 1 and metrics["steps"] == 6
+    drafter = DFlashDraftModel.from_pretrained(out / "drafter", dtype=torch.float32)
+    assert drafter.config.target_layer_ids == [1, 2] and drafter.config.block_size == 4
+    assert drafter.config.mask_token_id == 4  # <|spare|>: the unused special token of the tiny tokenizer
+
+
+def test_train_cli_under_torchrun_with_gloo(target_dir, data_file, tmp_path):
+    """Two CPU processes (gloo): each trains on its own shard, DDP averages gradients, so both end with the very
+    same weights; only rank 0 evaluates and writes."""
+    out = tmp_path / "ddp"
+    result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", "--target", str(target_dir),
+                     "--data", str(data_file), "--output", str(out), "--num-layers", "1", "--block-size", "4",
+                     "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
+                     "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--no-progress", "--no-plot",
+                     module=("-m", "torch.distributed.run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["extra"]["world_size"] == 2 and metrics["steps"] == 3
+    checksums = metrics["extra"]["rank_parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert [e["step"] for e in metrics["evals"]] == [0, 3]
+    assert (out / "drafter" / "model.safetensors").is_file()
+
+
+def test_cli_error_exit_code_in_a_real_process(tmp_path):
+    missing = run_cli("train", "--target", "smollm2", "--data", str(tmp_path / "nope.jsonl"), "--output",
+                      str(tmp_path / "o"))
+    assert missing.returncode == 2
+    assert "nope.jsonl" in missing.stderr and "make-data" in missing.stderr
+    assert missing.stdout == ""
+
+
+def test_cli_help_and_argument_errors(capsys, tmp_path):
+    """The same `main` the console script runs (in-process, to spare interpreter start-ups)."""
+    from dflash_hf.cli import main
+
+    for command, options in (("train", ("--target", "--data", "--num-anchors", "--eval-per-category", "torchrun")),
+                             ("make-data", ("--target", "--n-per-category", "--max-new-tokens", "--prompts-file"))):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert all(option in text for option in options), (command, text)
+    assert main(["make-data", "--target", "smollm2", "--output", str(tmp_path / "d.jsonl"), "--categories",
+                 "poetry"]) == 2
+    assert "poetry" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"category": "math"}\n')
+    assert main(["make-data", "--target", "smollm2", "--output", str(tmp_path / "d.jsonl"), "--prompts-file",
+                 str(tmp_path / "bad.jsonl")]) == 2
+    assert "record 1 has no non-empty" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--target", "x", "--data", "d", "--output", "o", "--num-layers", "0"])
+    assert exit_info.value.code == 2 and "--num-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--target", "x", "--data", "d", "--output", "o", "--target-layer-ids", "1,a"])
+    assert "comma-separated list" in capsys.readouterr().err

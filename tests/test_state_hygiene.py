@@ -1,0 +1,208 @@
+"""Nothing a DFlash call installs survives it: no forward hook, no patched method, no cache on the target, one single
+wrapper on `GenerationMixin._assisted_decoding` -- after success, after 20 calls, and after calls interrupted by an
+exception from a StoppingCriteria or a KeyboardInterrupt from a streamer. Plain `generate()` is unchanged by DFlash
+use, and two target/drafter pairs used alternately do not interfere.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from helpers import greedy, random_prompt, tiny_drafter, tiny_target
+from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
+
+import dflash_hf
+from dflash_hf import DFlashDecoder
+
+NEW = 10
+
+
+def hook_counts(model) -> dict[str, int]:
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
+            for name, m in model.named_modules()}
+
+
+def snapshot(target, drafter) -> dict:
+    """Everything a call could leave behind: hooks on both models, instance attributes, the patched method."""
+    return {
+        "target_hooks": hook_counts(target),
+        "drafter_hooks": hook_counts(drafter),
+        "target_dict": sorted(target.__dict__),
+        "module_dicts": {name: sorted(k for k in m.__dict__ if not k.startswith("_")) for name, m in
+                         target.named_modules()},
+        "assisted": GenerationMixin._assisted_decoding,
+        "buffers": sorted(name for name, _ in target.named_buffers()),
+    }
+
+
+def assert_single_wrapper() -> None:
+    method = GenerationMixin._assisted_decoding
+    assert getattr(method, "_dflash_wrapped", False), "the generate integration is not installed"
+    inner = method.__wrapped__
+    assert not getattr(inner, "_dflash_wrapped", False), "GenerationMixin._assisted_decoding is wrapped twice"
+    assert not hasattr(inner, "__wrapped__") or not getattr(inner.__wrapped__, "_dflash_wrapped", False)
+
+
+def assert_no_hooks(model) -> None:
+    left = {name: n for name, n in hook_counts(model).items() if n}
+    assert not left, f"hooks left on {left}"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_target("qwen3", layers=4, hidden=64)
+    drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
+    prompt = random_prompt(7, seed=21)
+    return target, drafter, prompt, greedy(target, prompt, NEW)
+
+
+def test_nothing_survives_20_calls_in_both_routes(pair):
+    target, drafter, prompt, reference = pair
+    assert_no_hooks(target)
+    before = snapshot(target, drafter)
+    decoder = DFlashDecoder(target, drafter, max_length=64)
+    for i in range(20):
+        if i % 3 == 0:
+            out = greedy(target, prompt, NEW, assistant_model=drafter)
+        elif i % 3 == 1:
+            out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=NEW).sequences
+        else:
+            out = decoder.generate(prompt, max_new_tokens=NEW).sequences
+        assert torch.equal(out, reference), i
+        assert snapshot(target, drafter) == before, f"state changed after call {i}"
+    assert_single_wrapper()
+    assert "_get_candidate_generator" not in target.__dict__
+    assert "past_key_values" not in target.__dict__ and "_cache" not in target.__dict__
+
+
+def test_reimporting_the_remote_code_does_not_wrap_twice(pair, monkeypatch):
+    """Loading another copy of the modeling files (AutoModel + trust_remote_code does) must keep one wrapper."""
+    import importlib.util
+
+    import dflash_hf.modeling.generation_dflash as generation
+
+    before = GenerationMixin._assisted_decoding
+    generation.install_generate_integration()
+    # A second, independent copy of the file (as transformers' remote-code loader creates), not a reload.
+    spec = importlib.util.spec_from_file_location("dflash_copy_generation", generation.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(copy)
+    copy.install_generate_integration()
+    assert GenerationMixin._assisted_decoding is before
+    assert_single_wrapper()
+
+
+class RaiseAt(StoppingCriteria):
+    """Raises `error` on its `calls`-th call: a user criterion that fails mid-generation."""
+
+    def __init__(self, calls: int, error: BaseException):
+        self.calls, self.error = calls, error
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls -= 1
+        if self.calls <= 0:
+            raise self.error
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+class InterruptingStreamer:
+    """A streamer whose `put` raises KeyboardInterrupt on the `calls`-th call (Ctrl-C while printing)."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+        self.ended = False
+
+    def put(self, value):
+        self.calls -= 1
+        if self.calls <= 0:
+            raise KeyboardInterrupt
+
+    def end(self):
+        self.ended = True
+
+
+# The batched loop takes stop_token_ids, not StoppingCriteria: it is interrupted through its streamer only.
+@pytest.mark.parametrize("route, interruption", [("plain", "criterion-error"), ("plain", "criterion-keyboard"),
+                                                 ("plain", "streamer-keyboard"), ("batched", "streamer-keyboard")])
+def test_interrupted_call_leaves_nothing_and_next_call_is_right(pair, route, interruption):
+    target, drafter, prompt, reference = pair
+    before = snapshot(target, drafter)
+    decoder = DFlashDecoder(target, drafter, max_length=64)  # reused across the interruption
+    expected = RuntimeError if interruption == "criterion-error" else KeyboardInterrupt
+    with pytest.raises(expected):
+        if interruption.startswith("criterion"):
+            error = RuntimeError("criterion failed") if interruption == "criterion-error" else KeyboardInterrupt()
+            greedy(target, prompt, NEW, assistant_model=drafter,
+                   stopping_criteria=StoppingCriteriaList([RaiseAt(3, error)]))
+        elif route == "plain":
+            greedy(target, prompt, NEW, assistant_model=drafter, streamer=InterruptingStreamer(3))
+        else:
+            decoder.generate(prompt, max_new_tokens=NEW, streamer=InterruptingStreamer(3))
+    assert snapshot(target, drafter) == before
+    assert_no_hooks(target)
+    assert "_get_candidate_generator" not in target.__dict__
+    if route == "plain":
+        assert torch.equal(greedy(target, prompt, NEW, assistant_model=drafter), reference)
+    else:
+        assert torch.equal(decoder.generate(prompt, max_new_tokens=NEW).sequences, reference)
+    assert torch.equal(greedy(target, prompt, NEW), reference)
+
+
+def test_plain_generate_unchanged_by_dflash_use(pair):
+    """Plain generate (greedy, sampling with a seed, beam search) gives the same output before and after DFlash."""
+    target, drafter, prompt, _ = pair
+    mask = torch.ones_like(prompt)
+
+    def runs():
+        torch.manual_seed(5)
+        sampled = target.generate(prompt, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=NEW)
+        beams = target.generate(prompt, attention_mask=mask, do_sample=False, num_beams=2, max_new_tokens=NEW)
+        return [greedy(target, prompt, NEW), sampled, beams]
+
+    before = runs()
+    greedy(target, prompt, NEW, assistant_model=drafter)
+    dflash_hf.generate(target, drafter, prompt, max_new_tokens=NEW)
+    torch.manual_seed(1)
+    target.generate(prompt, attention_mask=mask, do_sample=True, max_new_tokens=NEW, assistant_model=drafter)
+    after = runs()
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_two_pairs_alternately_do_not_interfere():
+    """Two targets of different families and depths, each with its own drafter (different ids and block sizes)."""
+    t1 = tiny_target("qwen3", layers=4, hidden=64, seed=3)
+    t2 = tiny_target("llama", layers=5, hidden=32, seed=4)
+    d1 = tiny_drafter(t1, layer_ids=[0, 2], block_size=4)
+    d2 = tiny_drafter(t2, layer_ids=[1, 2, 3], block_size=6, layers=1)
+    prompts = [random_prompt(5 + i, seed=30 + i) for i in range(3)]
+    refs = {(k, i): greedy(t, p, NEW) for k, t in ((1, t1), (2, t2)) for i, p in enumerate(prompts)}
+    decoders = {1: DFlashDecoder(t1, d1, max_length=32), 2: DFlashDecoder(t2, d2, max_length=32)}
+    for i, p in enumerate(prompts):
+        for k, t, d in ((1, t1, d1), (2, t2, d2)):
+            assert torch.equal(greedy(t, p, NEW, assistant_model=d), refs[k, i]), (k, i)
+            eos = t.generation_config.eos_token_id
+            out = decoders[k].generate(p, max_new_tokens=NEW, stop_token_ids=[eos])
+            assert out.new_tokens[0] == refs[k, i][0, p.shape[1]:].tolist(), (k, i)
+        # The other pair's drafter on this target is refused (not silently used).
+        with pytest.raises(ValueError):
+            greedy(t1, p, NEW, assistant_model=d2)
+    for t in (t1, t2):
+        assert_no_hooks(t)
+        assert "_get_candidate_generator" not in t.__dict__
+
+
+@pytest.mark.xfail(strict=True, reason="decoding_dflash.DFlashDecoder.generate ignores the target's "
+                                        "generation_config.eos_token_id when stop_token_ids is None, so it runs past "
+                                        "EOS where target.generate stops")
+def test_batched_loop_stops_at_the_target_eos_by_default():
+    target = tiny_target("llama", layers=5, hidden=32, seed=4)
+    drafter = tiny_drafter(target, layer_ids=[1, 2, 3], block_size=6, layers=1)
+    prompt = random_prompt(6, seed=31)  # the target's greedy continuation hits EOS (2) after 1 token
+    reference = greedy(target, prompt, NEW)
+    assert reference.shape[1] < prompt.shape[1] + NEW and reference[0, -1] == target.generation_config.eos_token_id
+    out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=NEW)
+    assert out.new_tokens[0] == reference[0, prompt.shape[1]:].tolist()
