@@ -183,7 +183,7 @@ def loop_step(target, drafter, *, batch: int, prompt_len: int, steps: int, graph
                                        compile=compile if (compile or decoder_supports_compile()) else None,
                                        max_batch_size=batch)
     t0 = time.perf_counter()
-    decoder.generate(prompt, max_new_tokens=min(steps, 32), stop_token_ids=None, **gen_kwargs)  # captures graphs
+    decoder.generate(prompt, max_new_tokens=min(steps, 32), stop_token_ids=[], **gen_kwargs)  # captures graphs
     warmup_s = time.perf_counter() - t0
     timer = StepIntervalTimer()
     timer.attach(decoder)
@@ -191,7 +191,7 @@ def loop_step(target, drafter, *, batch: int, prompt_len: int, steps: int, graph
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    out = decoder.generate(prompt, max_new_tokens=steps, stop_token_ids=None, **gen_kwargs)
+    out = decoder.generate(prompt, max_new_tokens=steps, stop_token_ids=[], **gen_kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - t0

@@ -15,7 +15,10 @@ the top level as well, which is what transformers' native DFlash route reads.
 
 from __future__ import annotations
 
+import os
+
 from transformers import Qwen3Config
+from transformers.utils import CONFIG_NAME
 
 # Keys that may sit either in `dflash_config` or at the top level of config.json; `dflash_config` wins (as in z-lab's
 # reference code and SGLang).
@@ -136,6 +139,10 @@ class DFlashConfig(Qwen3Config):
         Every z-lab drafter config says "qwen3" (with `architectures: ["DFlashDraftModel"]`); it is a DFlash config
         all the same, so `from_pretrained` should not warn that the types differ.
         """
+        folder = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, kwargs.get("_configuration_file") or CONFIG_NAME)):
+            # transformers would return a default config here; a drafter without its config.json is unusable.
+            raise OSError(f"{os.path.join(folder, CONFIG_NAME)} does not exist: a DFlash drafter folder needs its config.json.")
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if config_dict.get("model_type") == "qwen3" and "DFlashDraftModel" in (config_dict.get("architectures") or []):
             config_dict = dict(config_dict, model_type=cls.model_type)

@@ -181,9 +181,21 @@ class DFlashDecoder:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> DFlashGenerateOutput:
-        """Decode `input_ids` `[batch, prompt]` (left-padded, `attention_mask` 1 for real tokens)."""
+        """Decode `input_ids` `[batch, prompt]` (left-padded, `attention_mask` 1 for real tokens).
+
+        `stop_token_ids=None` stops at `target.generation_config.eos_token_id`, as `target.generate` does; pass `[]`
+        to generate exactly `max_new_tokens` per row.
+        """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids[None]."
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids."
+            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         if do_sample and temperature <= 0:
@@ -208,6 +220,8 @@ class DFlashDecoder:
             attention_mask = torch.ones_like(input_ids)
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("A row of attention_mask is all zeros: every prompt needs at least one real token.")
+        if stop_token_ids is None:  # as target.generate: stop at the target's EOS; pass [] for no stop tokens
+            stop_token_ids = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
         stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or [])
         if pad_token_id is None:
             pad_token_id = target_text_config(self.target).pad_token_id
@@ -600,7 +614,8 @@ def generate(
     is a sample of the target's (temperature/top-k/top-p) distribution. For repeated calls keep a `DFlashDecoder`.
     """
     decoder = DFlashDecoder(
-        target, drafter, max_length=input_ids.shape[1] + max_new_tokens, cuda_graphs=cuda_graphs, compile=compile
+        target, drafter, max_length=input_ids.shape[-1] + max(max_new_tokens, 1), cuda_graphs=cuda_graphs,
+        compile=compile,
     )
     return decoder.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,

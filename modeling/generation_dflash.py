@@ -316,6 +316,8 @@ def _dflash_assisted_decoding(original):
         if not is_dflash_drafter(drafter) or getattr(generation_config, "speculation_type", None) == "dflash":
             return original(self, *args, **kwargs)
         input_ids = args[0] if args else kwargs["input_ids"]
+        if input_ids.shape[-1] == 0:
+            raise ValueError("The prompt has 0 tokens; pass at least one token (e.g. the BOS id) to generate from.")
         check_drafter_fits_target(drafter, self)
         if input_ids.shape[0] > 1:
             raise ValueError(

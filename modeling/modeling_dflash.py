@@ -287,7 +287,19 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         ) != DFlashConfig.model_type:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             config = DFlashConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        wants_info = bool(kwargs.pop("output_loading_info", False))
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+        )
+        missing = set(info.get("missing_keys") or [])
+        if "fc.weight" in missing and all(f"layers.{i}.mlp.down_proj.weight" in missing for i in range(len(model.layers))):
+            unexpected = sorted(info.get("unexpected_keys") or [])[:5]
+            raise ValueError(
+                f"No DFlash weight of {pretrained_model_name_or_path} matched (fc.weight and every layer are missing; "
+                f"found e.g. {unexpected}). Save the weights unprefixed (fc.weight, layers.N.*, norm.weight), e.g. "
+                "by stripping a 'model.' prefix, as z-lab's released checkpoints are."
+            )
+        return (model, info) if wants_info else model
 
     # The drafter borrows the target's embedding and head; it owns neither.
     def get_input_embeddings(self):

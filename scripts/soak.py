@@ -98,7 +98,7 @@ def one_call(index: int, rng: random.Random, target, drafter, device: str) -> st
         rows.append(torch.tensor([row], device=device))
         ids[r, width - n:] = rows[-1][0]
         mask[r, width - n:] = 1
-    out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=max_new)
+    out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=max_new, stop_token_ids=[])
     for r in range(batch):
         want = reference(target, rows[r], max_new)
         if out.new_tokens[r] != want:

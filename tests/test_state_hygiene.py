@@ -195,9 +195,6 @@ def test_two_pairs_alternately_do_not_interfere():
         assert "_get_candidate_generator" not in t.__dict__
 
 
-@pytest.mark.xfail(strict=True, reason="decoding_dflash.DFlashDecoder.generate ignores the target's "
-                                        "generation_config.eos_token_id when stop_token_ids is None, so it runs past "
-                                        "EOS where target.generate stops")
 def test_batched_loop_stops_at_the_target_eos_by_default():
     target = tiny_target("llama", layers=5, hidden=32, seed=4)
     drafter = tiny_drafter(target, layer_ids=[1, 2, 3], block_size=6, layers=1)

@@ -84,7 +84,7 @@ LOOP_MODES = {"dflash_loop_eager": (False, False), "dflash_loop_graphs": (True, 
               "dflash_loop_compiled": (True, True)}
 
 EOS_POLICY = (
-    "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=None): every row generates "
+    "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=[]): every row generates "
     "exactly max_new_tokens tokens, so throughput compares equal work and greedy tokens compare one to one. Tokens after "
     "an end-of-turn are the model's own continuation, which can shift acceptance relative to stopping at EOS."
 )
@@ -820,7 +820,7 @@ def _loop_runner(ctx: Context, mode: tuple[bool, bool]) -> Callable[[Item, int],
         timer.attach(decoder)  # no-op before the first call (no workspace yet) and once wrapped
         timer.new_run()
         out = decoder.generate(item.input_ids, item.attention_mask, max_new_tokens=max_new_tokens,
-                               stop_token_ids=None, pad_token_id=ctx.pad_id, **gen_kwargs)
+                               stop_token_ids=[], pad_token_id=ctx.pad_id, **gen_kwargs)
         flat = [a for row in out.acceptance_lengths for a in row]
         return RunOutput(tokens=[list(r) for r in out.new_tokens], steps=out.steps, committed=sum(flat),
                          draft_s=out.time_draft, verify_s=out.time_verify, prefill_s=out.time_prefill,

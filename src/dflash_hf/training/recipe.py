@@ -489,7 +489,7 @@ def evaluate_tau(
                     input_ids[r, width - n :] = torch.as_tensor(item["input_ids"])
                     attention_mask[r, width - n :] = 1
                 out = decoder.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                                       stop_token_ids=list(stop_token_ids) or None, pad_token_id=pad_token_id)
+                                       stop_token_ids=list(stop_token_ids), pad_token_id=pad_token_id)
                 for item, lengths in zip(chunk, out.acceptance_lengths):
                     per_category.setdefault(item.get("category", "unknown"), []).extend(int(x) for x in lengths)
     finally:

@@ -131,7 +131,7 @@ def generate(model, input_ids=None, attention_mask=None, assistant_model=None, g
         temperature=float(config.temperature) if do_sample and config.temperature is not None else 1.0,
         top_k=int(config.top_k or 0) if do_sample else 0,
         top_p=float(config.top_p) if do_sample and config.top_p is not None else 1.0,
-        stop_token_ids=stop or None,
+        stop_token_ids=stop,
         pad_token_id=pad,
         streamer=streamer,
         cuda_graphs=cuda_graphs,
