@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+from dflash_hf.cli_args import non_negative_float, positive_int
+
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
     "Write a Python function that checks whether a number is prime.",
@@ -23,26 +25,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers shared by demo, generate and chat
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

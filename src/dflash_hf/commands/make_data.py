@@ -17,15 +17,7 @@ import json
 import sys
 import time
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+from dflash_hf.cli_args import positive_int
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,17 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from dflash_hf.commands.make_data import add_target_arguments, positive_int
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.commands.make_data import add_target_arguments
 
 
 def layer_ids(text: str) -> list[int]:
