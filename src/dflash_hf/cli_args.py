@@ -5,21 +5,23 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
+def _bounded(text: str, convert, noun: str, minimum):
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _bounded(text, int, "an integer", 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _bounded(text, int, "an integer", 0)
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _bounded(text, float, "a number", 0)

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from dflash_hf.commands.demo import DTYPES, positive_int
+from dflash_hf.cli_args import non_negative_int, positive_int
+from dflash_hf.commands.demo import DTYPES
 
 
 def _port(text: str) -> int:
     value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1..65535), got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -58,7 +49,7 @@ def register(subparsers) -> None:
                         help="also torch.compile the decode step (CUDA; compiles once per batch shape, slow start)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip capturing the CUDA graphs of every batch shape before serving")
-    parser.add_argument("--shutdown-timeout", type=_non_negative_int, default=5,
+    parser.add_argument("--shutdown-timeout", type=non_negative_int, default=5,
                         help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default warning)")
