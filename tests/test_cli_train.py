@@ -39,7 +39,8 @@ def target_dir(tmp_path_factory):
 def data_file(target_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "data.jsonl"
     result = run_cli("make-data", "--target", str(target_dir), "--output", str(out), "--categories", "math",
-                     "--n-per-category", "8", "--max-new-tokens", "24", "--batch-size", "4", "--no-progress")
+                     "--n-per-category", "8", "--max-new-tokens", "24", "--batch-size", "3", "--static-cache", "yes",
+                     "--no-progress")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["records"] == 8 and summary["path"] == str(out)
@@ -58,6 +59,26 @@ def test_make_data_cli_writes_jsonl(data_file):
         assert 1 <= len(record["input_ids"]) - n_prompt <= 24
 
 
+def test_make_data_counts_per_category(target_dir, tmp_path, capsys):
+    from dflash_hf.cli import main
+    from dflash_hf.prompts import build_prompts
+
+    out = tmp_path / "mixed.jsonl"
+    assert main(["make-data", "--target", str(target_dir), "--output", str(out), "--n-per-category", "math=2,code=1",
+                 "--humaneval", "no", "--max-new-tokens", "4", "--batch-size", "3", "--no-progress"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = build_prompts(2, categories=["math"]) + build_prompts(1, categories=["code"], include_humaneval=False)
+    assert [(r["category"], r["prompt"]) for r in records] == [(e["category"], e["prompt"]) for e in expected]
+    capsys.readouterr()
+    assert main(["make-data", "--target", str(target_dir), "--output", str(out), "--n-per-category", "math=2",
+                 "--categories", "code"]) == 2
+    assert "drop --categories" in capsys.readouterr().err
+    for bad in ("math=0", "math=2,math=3", "=4", "math=x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["make-data", "--target", "x", "--output", str(out), "--n-per-category", bad])
+        assert exit_info.value.code == 2 and "--n-per-category" in capsys.readouterr().err
+
+
 def test_train_cli_writes_a_loadable_drafter_and_metrics(target_dir, data_file, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", "--target", str(target_dir), "--data", str(data_file), "--output", str(out),
@@ -74,6 +95,27 @@ def test_train_cli_writes_a_loadable_drafter_and_metrics(target_dir, data_file, 
     drafter = DFlashDraftModel.from_pretrained(out / "drafter", dtype=torch.float32)
     assert drafter.config.target_layer_ids == [1, 2] and drafter.config.block_size == 4
     assert drafter.config.mask_token_id == 4  # <|spare|>: the unused special token of the tiny tokenizer
+
+
+def test_train_cli_time_budget_replans_the_run(target_dir, data_file, tmp_path):
+    """--time-budget-minutes: far more epochs than fit in 6 s; the run re-plans at step 30 so its cosine decay
+    completes inside the budget, or stops at the budget."""
+    out = tmp_path / "budget"
+    result = run_cli("train", "--target", str(target_dir), "--data", str(data_file), "--output", str(out),
+                     "--num-layers", "1", "--block-size", "4", "--target-layer-ids", "1,2", "--epochs", "5000",
+                     "--batch-size", "4", "--num-anchors", "8", "--eval-per-category", "1",
+                     "--eval-max-new-tokens", "4", "--time-budget-minutes", "0.1", "--no-progress", "--no-plot")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 30 <= summary["steps"] < 10_000 and metrics["extra"]["total_steps"] == summary["steps"]
+    assert summary["train_seconds"] < 6.0 + 2.0  # the budget, plus at most one step and the stop check
+    if not summary["stopped_by_time_budget"]:  # finished by the re-planned schedule: the LR decayed to ~0
+        assert metrics["history"][-1]["lr"] < 0.05 * metrics["extra"]["lr"]
+    for bad in ("0", "-1", "nan"):
+        refused = run_cli("train", "--target", str(target_dir), "--data", str(data_file), "--output", str(out),
+                          "--time-budget-minutes", bad)
+        assert refused.returncode == 2 and "--time-budget-minutes" in refused.stderr
 
 
 def test_train_cli_under_torchrun_with_gloo(target_dir, data_file, tmp_path):

@@ -67,3 +67,20 @@ def test_draft_cache_window_unit():
     for step in range(10):
         unbounded.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
     assert unbounded.keys[0].shape[-2] == 30
+
+
+def test_batched_prefill_computes_only_the_last_logits(target):
+    """The prefill needs the last position's logits only; computing all of them cost 2.4 GB at an 8,000-token
+    prompt on the H200 (benchmarks/results/long_context_h200.md). Verify forwards still score every block row."""
+    drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
+    shapes = []
+    handle = target.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        prompt = random_prompt(60, seed=5)
+        out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=8)
+    finally:
+        handle.remove()
+    vocab = target.config.vocab_size
+    assert shapes[0] == (1, 1, vocab)
+    assert len(shapes) > 1 and all(shape == (1, 4, vocab) for shape in shapes[1:])
+    assert torch.equal(out.sequences, greedy(target, prompt, 8, eos_token_id=None, pad_token_id=0))

@@ -31,6 +31,7 @@ from dflash_hf.training import (
     target_features,
     train_drafter,
 )
+from dflash_hf.training.recipe import WarmupCosine, budgeted_total_steps
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
@@ -156,6 +157,53 @@ def test_pack_blocks_layout_labels_and_weights():
     assert batch.weights[0, 1, 2] == 0 and batch.weights[1, 1].sum() == 0
     assert batch.attention_mask[1].tolist() == [1] * 7 + [0] * 9
     assert default_gamma(16) == 7.0 and default_gamma(8) == 4.0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma3"])
+def test_right_padded_target_features_need_no_mask(arch):
+    """The training loop runs the target without the padding mask: pack_blocks pads on the right, so under causal
+    attention (sliding or not) no real position sees a pad and the features of real positions are unchanged."""
+    target = tiny_target(arch, layers=4)
+    g = torch.Generator().manual_seed(3)
+    examples = as_examples([{"input_ids": torch.randint(6, 90, (n,), generator=g), "loss_mask": [0] * 3 + [1] * (n - 3)}
+                            for n in (40, 23, 9)])
+    batch = pack_blocks(examples, [torch.tensor([5]), torch.tensor([4]), torch.tensor([3])], block_size=4,
+                        mask_token_id=3, gamma=7.0, pad_token_id=0)
+    with_mask = target_features(target, batch.input_ids, batch.attention_mask, [1, 3])
+    without = target_features(target, batch.input_ids, None, [1, 3])
+    real = batch.attention_mask.bool()
+    assert not real.all()  # the batch is padded
+    torch.testing.assert_close(without[real], with_mask[real])
+
+
+def test_time_budget_plan_and_schedule():
+    # 20 steps took 2 s, the rest go at 0.1 s a step: 97% of a 10 s budget leaves 7.7 s -> 77 more steps.
+    assert budgeted_total_steps(1000, 20, 2.0, 10.0, per_step=0.1) == 97
+    # Slow first steps do not count against the later ones: 4 s for 20 steps, then 0.1 s each -> 57 more.
+    assert budgeted_total_steps(1000, 20, 4.0, 10.0, per_step=0.1) == 77
+    assert budgeted_total_steps(50, 20, 2.0, 100.0, per_step=0.1) == 50  # never more than planned
+    assert budgeted_total_steps(1000, 20, 20.0, 10.0, per_step=0.1) == 20  # already over: stop now
+    schedule = WarmupCosine(total_steps=100, warmup_steps=10, min_ratio=0.0)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(55) == pytest.approx(0.5) and schedule(100) == pytest.approx(0.0)
+    schedule.total_steps = 50  # re-planned: the decay completes at the new end
+    assert schedule(50) == pytest.approx(0.0) and schedule(30) == pytest.approx(0.5)
+
+
+def test_time_budget_stops_training_and_still_saves(tmp_path):
+    target = tiny_target("qwen3", layers=3)
+    drafter = tiny_drafter(target, layers=1, block_size=4, layer_ids=[1, 2])
+    data = [torch.randint(6, 90, (30,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with pytest.raises(ValueError, match="time_budget=0"):
+        train_drafter(target, drafter, data, max_steps=5, time_budget=0, progress=False)
+    result = train_drafter(target, drafter, data, max_steps=50, batch_size=2, num_anchors=4, time_budget=1e-9,
+                           output_dir=tmp_path / "run", progress=False, plot=False)
+    assert result.steps == 1 and result.extra["stopped_by_time_budget"] and result.extra["total_steps"] == 1
+    assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
+    roomy = train_drafter(target, drafter, data, max_steps=35, batch_size=2, num_anchors=4, time_budget=1e6,
+                          progress=False)
+    assert roomy.steps == 35 and "stopped_by_time_budget" not in roomy.extra
+    assert roomy.extra["calibration_seconds_per_step"] > 0
 
 
 def test_sample_anchors_only_on_response_positions():
@@ -326,13 +374,16 @@ def test_saved_checkpoint_keeps_the_released_layout(tmp_path):
             assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_make_data_writes_the_targets_own_answers(tmp_path):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_make_data_writes_the_targets_own_answers(static_cache, tmp_path):
+    """Both generation paths; the static one fills the last batch (1 prompt of 3 rows) with copies and pads every
+    batch to the longest prompt of the set, and must still give each prompt its own answer."""
     tokenizer = tiny_chat_tokenizer()
     target = tiny_target("qwen3", layers=3, vocab=len(tokenizer), eos=2)
     prompts = [{"category": "math", "prompt": "What is 2+2?"}, {"category": "chat", "prompt": "Hello"},
                {"category": "code", "prompt": "def f(x): return x"}, "a plain string prompt"]
     summary = make_data(target, tokenizer, prompts, max_new_tokens=10, batch_size=3, out_path=tmp_path / "d.jsonl",
-                        progress=False)
+                        progress=False, static_cache=static_cache)
     records = load_jsonl(tmp_path / "d.jsonl")
     assert summary["records"] == len(records) == 4
     assert [r["category"] for r in records] == ["math", "chat", "code", "unknown"]

@@ -1,18 +1,18 @@
-# The GPU run that trained the shipped SmolLM2 drafter (one H200, one call). Output under $OUT (weights split into
-# <16 MiB parts for the transfer; join with `cat model.safetensors.part* > model.safetensors`).
+# The GPU run that trained the shipped SmolLM2 drafter: scripts/train_smollm2.sh on one H200, in two device calls
+# (each call may run 10 minutes at most; /tmp survives between them while the machine stays warm):
+#
+#   STAGES=data  bash benchmarks/gpu/train_smollm2.sh    # call 1: make-data
+#   STAGES=train bash benchmarks/gpu/train_smollm2.sh    # call 2: train, then copy the results to $OUT
+#
+# The weights come back split into <16 MiB parts (join with `cat model.safetensors.part* > model.safetensors`).
 . benchmarks/gpu/setup.sh
-RUN=/tmp/run; mkdir -p $RUN
+RUN=/tmp/run
 START=$(date +%s)
-python3 -m dflash_hf make-data --target smollm2 --dtype bfloat16 --device cuda --n-per-category 1000 \
-  --max-new-tokens 256 --batch-size 384 --split train --output $RUN/train.jsonl --no-progress 2>&1 | tail -5
-echo "make-data done in $(( $(date +%s) - START )) s"
-timeout 330 python3 -m dflash_hf train --target smollm2 --dtype bfloat16 --device cuda --data $RUN/train.jsonl \
-  --output $RUN/train --num-layers 3 --block-size 16 --epochs 6 --max-steps 900 --batch-size 16 --num-anchors 256 \
-  --max-length 640 --eval-per-category 8 --eval-max-new-tokens 128 --eval-backend hf --save-every 150 \
-  --no-progress 2>&1 | grep -v -i warn | tail -25
-echo "train done in $(( $(date +%s) - START )) s"
-D=$RUN/train/drafter; [ -f $D/model.safetensors ] || D=$(ls -d $RUN/train/checkpoints/step-* | sort -t- -k2 -n | tail -1)
-echo "drafter: $D"; ls -la $D
-split -b 15M $D/model.safetensors $OUT/model.safetensors.part
-cp $D/config.json $OUT/; cp $RUN/train/metrics.json $RUN/train/curves.png $OUT/ 2>/dev/null
-head -c 2000 $RUN/train/metrics.json; echo
+STAGES="$STAGES" bash scripts/train_smollm2.sh $RUN 2>&1 | grep -v -i -E "warn|^\s*$" | tail -40
+echo "stage(s) '$STAGES' done in $(( $(date +%s) - START )) s"
+cp $RUN/timings.txt $RUN/make_data_summary.json $OUT/ 2>/dev/null
+if [[ " $STAGES " == *" train "* ]]; then
+  split -b 15M $RUN/drafter/model.safetensors $OUT/model.safetensors.part
+  cp $RUN/drafter/config.json $RUN/metrics.json $RUN/curves.png $RUN/train_summary.json $OUT/ 2>/dev/null
+  ls -la $OUT
+fi

@@ -25,3 +25,10 @@ def non_negative_int(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     return _bounded(text, float, "a number", 0)
+
+
+def positive_float(text: str) -> float:
+    value = _bounded(text, float, "a number", 0)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value

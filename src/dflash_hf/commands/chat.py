@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from dflash_hf.commands.demo import add_model_arguments, encode, load_pair, non_negative_float, positive_int
+from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.commands.demo import add_model_arguments, encode, load_pair
 from dflash_hf.commands.generate import Session, check_sampling_args, report
 
 

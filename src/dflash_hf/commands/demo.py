@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.cli_args import positive_int
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from dflash_hf.commands.demo import add_model_arguments, encode, load_pair, non_negative_float, positive_int, stop_ids
+from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.commands.demo import add_model_arguments, encode, load_pair, stop_ids
 
 
 def register(subparsers) -> None:

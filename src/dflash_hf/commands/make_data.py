@@ -40,9 +40,12 @@ def register(subparsers) -> None:
     add_target_arguments(parser)
     parser.add_argument("--output", required=True, help="JSONL file to write (parent folders are created)")
     source = parser.add_argument_group("prompts")
-    source.add_argument("--n-per-category", type=positive_int, default=100,
-                        help="prompts per category from dflash_hf.prompts (default 100)")
-    source.add_argument("--categories", default="code,math,chat", help="comma-separated subset of code,math,chat")
+    source.add_argument("--n-per-category", type=category_counts, default=100,
+                        help="prompts per category from dflash_hf.prompts: one number for every category (default "
+                             "100), or counts per category such as code=6000,math=6000,chat=3400 (these name the "
+                             "categories, so --categories is then not needed)")
+    source.add_argument("--categories", default=None,
+                        help="comma-separated subset of code,math,chat (default: all three)")
     source.add_argument("--split", default="train", choices=("train", "heldout"),
                         help="prompt split (default train; heldout prompts are for evaluation only)")
     source.add_argument("--seed", type=int, default=0, help="prompt selection seed (default 0)")
@@ -55,11 +58,28 @@ def register(subparsers) -> None:
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=320, help="answer length cap (default 320)")
     gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts per generate call (default 32)")
+    gen.add_argument("--static-cache", default="auto", choices=("auto", "yes", "no"),
+                     help="generate with a static cache, whose decode step transformers compiles (auto = on CUDA); "
+                          "every batch then has --batch-size rows and one width, so it compiles once")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="feed raw prompts (base models without a chat template)")
     gen.add_argument("--system-prompt", default=None, help="system message added before each prompt")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def category_counts(text: str) -> int | dict[str, int]:
+    """argparse type of --n-per-category: `N`, or `category=N,...` (ordered as given)."""
+    if "=" not in text:
+        return positive_int(text)
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, number = part.partition("=")
+        name = name.strip()
+        if not name or name in counts:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: expected distinct category=N items")
+        counts[name] = positive_int(number.strip())
+    return counts
 
 
 def read_prompts_file(path: str) -> list[dict]:
@@ -77,16 +97,25 @@ def read_prompts_file(path: str) -> list[dict]:
 def run(args) -> int:
     from dflash_hf.prompts import CATEGORIES, build_prompts
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    counts = args.n_per_category
+    listed = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
+    if isinstance(counts, dict):
+        if listed is not None and listed != list(counts):
+            raise ValueError(f"--categories {args.categories!r} and --n-per-category {','.join(counts)} name "
+                             "different categories; per-category counts already choose them, so drop --categories.")
+        listed = list(counts)
+    categories = list(CATEGORIES) if listed is None else listed
     bad = [c for c in categories if c not in CATEGORIES]
     if bad or not categories:
-        raise ValueError(f"--categories {args.categories!r}: each must be one of {','.join(CATEGORIES)}.")
+        raise ValueError(f"categories {','.join(categories)!r}: each must be one of {','.join(CATEGORIES)}.")
     if args.prompts_file:
         prompts = read_prompts_file(args.prompts_file)
     else:
         humaneval = {"auto": None, "yes": True, "no": False}[args.humaneval]
-        prompts = build_prompts(args.n_per_category, split=args.split, seed=args.seed, categories=categories,
-                                include_humaneval=humaneval, text_files=args.text_file)
+        per_category = counts if isinstance(counts, dict) else dict.fromkeys(categories, counts)
+        prompts = [prompt for category, n in per_category.items()
+                   for prompt in build_prompts(n, split=args.split, seed=args.seed, categories=[category],
+                                               include_humaneval=humaneval, text_files=args.text_file)]
 
     from dflash_hf.training.data import make_data
     from dflash_hf.training.loading import load_target, resolve_device, resolve_dtype
@@ -100,7 +129,8 @@ def run(args) -> int:
           file=sys.stderr)
     summary = make_data(target, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.output,
                         use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress,
+                        static_cache={"auto": None, "yes": True, "no": False}[args.static_cache])
     summary["load_seconds"] = load_seconds
     print(json.dumps(summary, indent=2))
     return 0

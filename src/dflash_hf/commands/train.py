@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.cli_args import non_negative_float, positive_float, positive_int
 from dflash_hf.commands.make_data import add_target_arguments
 
 
@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=6, help="passes over the data (default 6)")
     optim.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps")
+    optim.add_argument("--time-budget-minutes", type=positive_float, default=None,
+                       help="minutes of optimisation (evaluations excluded): the run is re-planned to fit after its "
+                            "first 30 steps, so warmup and cosine decay complete, and stops at the budget regardless")
     optim.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step and process (default 8)")
     optim.add_argument("--num-anchors", type=positive_int, default=512,
                        help="blocks per sequence, re-drawn each epoch (default 512, capped by the response length)")
@@ -181,7 +184,8 @@ def run(args) -> int:
         }
         result = train_drafter(
             target, drafter, args.data,
-            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, num_anchors=args.num_anchors,
+            epochs=args.epochs, max_steps=args.max_steps,
+            time_budget=args.time_budget_minutes * 60 if args.time_budget_minutes else None, batch_size=args.batch_size, num_anchors=args.num_anchors,
             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
             grad_clip=args.grad_clip, gamma=args.gamma, max_length=args.max_length, seed=args.seed,
             autocast=False if args.no_autocast else None, eval_set=eval_set, eval_every=args.eval_every or None,
@@ -197,6 +201,7 @@ def run(args) -> int:
                 "metrics": str(Path(args.output) / "metrics.json"),
                 "steps": result.steps,
                 "train_seconds": round(result.seconds, 2),
+                "stopped_by_time_budget": bool(result.extra.get("stopped_by_time_budget", False)),
                 "eval_seconds": round(result.eval_seconds, 2),
                 "final_tau": result.final_eval["tau"] if result.final_eval else None,
                 "final_tau_per_category": result.final_eval["per_category"] if result.final_eval else None,

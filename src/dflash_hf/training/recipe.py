@@ -547,14 +547,29 @@ class TrainResult:
         return asdict(self)
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+@dataclass
+class WarmupCosine:
+    """LR factor: linear warmup over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`. The fields
+    may change during training (a time budget re-plans the number of steps once the step time is known)."""
 
-    return factor
+    total_steps: int
+    warmup_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def budgeted_total_steps(planned: int, done: int, elapsed: float, budget: float, per_step: float,
+                         margin: float = 0.03) -> int:
+    """Steps that fit in `budget` seconds when `done` steps took `elapsed` seconds and the rest go at `per_step`
+    seconds each (measured after the first steps, which pay for CUDA start-up and allocator growth and ran at half
+    the steady pace on an H200), never more than `planned` and never fewer than `done`."""
+    fit = done + int(max(budget * (1 - margin) - elapsed, 0.0) / max(per_step, 1e-9) + 1e-9)
+    return max(done, min(planned, fit))
 
 
 def _distributed() -> tuple[bool, int, int]:
@@ -570,6 +585,7 @@ def train_drafter(
     *,
     epochs: int = 6,
     max_steps: int | None = None,
+    time_budget: float | None = None,
     batch_size: int = 8,
     num_anchors: int = 512,
     lr: float = 6e-4,
@@ -605,6 +621,9 @@ def train_drafter(
         dataset: a JSONL path from `make_data`, a list of `{input_ids, loss_mask}` dicts, or a list of token-id
             sequences (loss on every token after the first).
         epochs / max_steps: length of training (`max_steps` wins when set).
+        time_budget: seconds of optimisation (evaluations excluded): at step 30 the number of steps is cut to what
+            fits at the pace of steps 10-30, so the warmup and the cosine decay still complete;
+            training stops at the budget in any case.
         batch_size: sequences per step per process; `num_anchors`: blocks per sequence (re-drawn every epoch).
         lr, weight_decay, warmup_ratio, min_lr_ratio, grad_clip: AdamW with linear warmup then cosine decay.
         gamma: loss decay over block rows (default 7 for B = 16).
@@ -631,6 +650,8 @@ def train_drafter(
         raise ValueError(f"num_anchors={num_anchors} and batch_size={batch_size} must be >= 1.")
     if max_steps is None and epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1 (or set max_steps).")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget={time_budget} must be a positive number of seconds.")
     examples = as_examples(dataset)
     if max_length is not None:
         examples = as_examples(
@@ -662,14 +683,18 @@ def train_drafter(
         [p for p in drafter.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
     )
     warmup = max(1, round(warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, min_lr_ratio))
+    schedule = WarmupCosine(total_steps, warmup, min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # A time budget re-plans the run at step `calibration`, from the pace of the steps after `pace_from`.
+    pace_from, calibration = 10, 30
+    pace_started = 0.0
     mask_dtype = torch.bfloat16 if autocast else torch.float32
     output_dir = Path(output_dir) if output_dir is not None else None
     result = TrainResult(output_dir=str(output_dir) if output_dir else None)
     result.extra.update(
         world_size=world, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup,
         sequences=len(examples), gamma=gamma, batch_size=batch_size, num_anchors=num_anchors, lr=lr,
-        drafter_parameters=sum(p.numel() for p in drafter.parameters()),
+        drafter_parameters=sum(p.numel() for p in drafter.parameters()), time_budget=time_budget,
     )
 
     def run_eval(step: int) -> None:
@@ -688,7 +713,7 @@ def train_drafter(
             bar.write(f"step {step}: tau {report['tau']:.3f} " +
                       " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()), file=sys.stderr)
 
-    timers = {"eval_in_loop": 0.0}
+    timers = {"eval_in_loop": 0.0, "target_features": 0.0}
     bar = tqdm(total=total_steps, desc="training drafter", unit="step", disable=not (progress and main_process),
                dynamic_ncols=True)
     run_eval(0)
@@ -714,7 +739,13 @@ def train_drafter(
             ]
             batch = pack_blocks(chosen, anchors, block_size=config.block_size, mask_token_id=config.mask_token_id,
                                 gamma=gamma, pad_token_id=pad_token_id).to(device)
-            features = target_features(target, batch.input_ids, batch.attention_mask, config.target_layer_ids)
+            features_started = time.perf_counter()
+            # pack_blocks pads on the right, so under causal attention no real position ever sees a pad and the
+            # features of real positions are the same without the mask; padded positions are never visible to a
+            # block. Without a mask the target takes sdpa's causal fast path and skips building a 4D padding mask,
+            # which on GPU cost ~40 ms a step whatever the batch size.
+            features = target_features(target, batch.input_ids, None, config.target_layer_ids)
+            timers["target_features"] += time.perf_counter() - features_started  # asynchronous on GPU: a lower bound
             with torch.no_grad():
                 noise = embed_block(drafter, target, batch.block_ids)
             masks = layer_attention_masks(config, batch.anchors, batch.input_ids.shape[1], dtype=mask_dtype)
@@ -727,8 +758,36 @@ def train_drafter(
             optimizer.step()
             scheduler.step()
             step += 1
+            seconds = time.perf_counter() - started - timers["eval_in_loop"]
             stats.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                         seconds=time.perf_counter() - started - timers["eval_in_loop"])
+                         seconds=seconds)
+            if step == pace_from:
+                pace_started = seconds  # the stats above synchronised with the GPU, so `seconds` is real
+            if time_budget is not None and step == calibration < total_steps:
+                # Re-plan once the steady pace is known. The budget is per process; DDP keeps the processes in
+                # lockstep, and every rank must agree.
+                per_step = (seconds - pace_started) / (calibration - pace_from)
+                planned = budgeted_total_steps(total_steps, step, seconds, time_budget, per_step)
+                if distributed:
+                    agreed = torch.tensor([planned], device=device if device.type == "cuda" else "cpu")
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                    planned = int(agreed.item())
+                if planned < total_steps:
+                    total_steps = schedule.total_steps = planned
+                    schedule.warmup_steps = max(1, min(warmup, round(warmup_ratio * total_steps)))
+                    bar.total = total_steps
+                    bar.refresh()
+                result.extra.update(total_steps=total_steps, warmup_steps=schedule.warmup_steps,
+                                    calibration_seconds_per_step=per_step)
+            if time_budget is not None and step < total_steps:
+                over = torch.tensor([float(seconds >= time_budget)])
+                if distributed:  # every rank stops at the same step, or DDP would wait forever
+                    over = over.to(device if device.type == "cuda" else "cpu")
+                    dist.all_reduce(over, op=dist.ReduceOp.MAX)
+                if over.item():
+                    total_steps = schedule.total_steps = step
+                    bar.total = total_steps
+                    result.extra.update(total_steps=total_steps, stopped_by_time_budget=True)
             window.append(stats)
             if step % max(log_every, 1) == 0 or step == total_steps:
                 merged = {k: sum(s[k] for s in window) / len(window) for k in ("loss", "acc", "acc_first", "train_tau")}
@@ -743,9 +802,12 @@ def train_drafter(
                     dist.barrier()
             if save_every and output_dir is not None and step % save_every == 0 and main_process:
                 save_drafter(drafter, output_dir / "checkpoints" / f"step-{step}", save_dtype)
-    result.steps, result.epochs = step, epochs
+        if step >= total_steps:
+            break
+    result.steps, result.epochs = step, min(epochs, epoch + 1)
     # Training time alone (periodic evaluations excluded), for throughput estimates.
     result.seconds = time.perf_counter() - started - timers["eval_in_loop"]
+    result.extra["target_features_seconds"] = timers["target_features"]
     run_eval(step)
     bar.close()
 
