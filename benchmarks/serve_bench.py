@@ -267,9 +267,9 @@ def markdown(report: dict) -> str:
         f"bounded to {config['requests_per_client']} requests per client or {config['level_seconds']} s. "
         f"Machine: {report['machine']}.",
         "",
-        "Requests that arrive while a batch runs wait for the next batch. A request alone in its batch streams live "
-        "(TTFT = queueing + prefill); rows of larger batches are streamed when their batch ends, so their TTFT is the "
-        "batch's duration.",
+        "Requests that arrive while a batch runs wait for the next batch. With the drafter every row streams live, one "
+        "chunk per verify step (TTFT = queueing + prefill); without it (plain `target.generate`) a row of a batch of "
+        "two or more arrives when its batch ends.",
         "",
         "| mode | clients | requests | errors | tokens | wall s | tokens/s | req/s | TTFT p50 s | TTFT p90 s | "
         "latency p50 s | mean batch | tau |",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -181,11 +182,17 @@ class DFlashDecoder:
         streamer=None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        on_step: Callable[[list[list[int]]], None] | None = None,
     ) -> DFlashGenerateOutput:
         """Decode `input_ids` `[batch, prompt]` (left-padded, `attention_mask` 1 for real tokens).
 
         `stop_token_ids=None` stops at `target.generation_config.eos_token_id`, as `target.generate` does; pass `[]`
         to generate exactly `max_new_tokens` per row.
+
+        `on_step(chunks)` streams a batch of any size: it is called once after the prefill and once after every
+        step with `chunks[r]`, the tokens row r committed then (empty once the row is done); each row's chunks
+        concatenate to its `new_tokens`. The tokens travel with the step's one host sync, so it adds no sync.
+        `streamer` (transformers' protocol) takes batch 1 only.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
@@ -233,7 +240,7 @@ class DFlashDecoder:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         return workspace.run(
             input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, stops, pad_token_id,
-            streamer, progress,
+            streamer, progress, on_step,
         )
 
     def _workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops) -> "_Workspace":
@@ -447,7 +454,7 @@ class _Workspace:
             self.stops.copy_(torch.tensor(stops, dtype=torch.long, device=self.stops.device))
         self.out.zero_()
 
-    def run(self, input_ids, attention_mask, max_new_tokens, stops, pad_token_id, streamer, progress):
+    def run(self, input_ids, attention_mask, max_new_tokens, stops, pad_token_id, streamer, progress, on_step=None):
         d, B = self.d, self.d.block_size
         sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
         with self.capture:
@@ -477,6 +484,8 @@ class _Workspace:
             if streamer is not None:
                 streamer.put(input_ids.cpu())
                 streamer.put(first.cpu())
+            if on_step is not None:
+                on_step([[token] for token in first.tolist()])
             prompt_features = features
             sync()
             t1 = time.perf_counter()
@@ -511,8 +520,16 @@ class _Workspace:
                     draft_time += dt
                     verify_time += vt
                 steps += 1
-                state = torch.cat([self.committed, self.done.long()]).cpu()  # the one host sync per step
-                committed, done = state[: self.batch].tolist(), state[self.batch :].tolist()
+                parts = [self.committed, self.done.long()]
+                if on_step is not None:  # this step's tokens ride along with the step's one sync
+                    cols = (self.generated - self.committed)[:, None] + self.arange_b[None]
+                    parts.append(self.out.gather(1, cols.clamp_max(self.out.shape[1] - 1)).flatten())
+                state = torch.cat(parts).cpu()  # the one host sync per step
+                committed = state[: self.batch].tolist()
+                done = state[self.batch : 2 * self.batch].tolist()
+                if on_step is not None:
+                    block = state[2 * self.batch :].view(self.batch, B).tolist()
+                    on_step([block[r][: committed[r]] for r in range(self.batch)])
                 for r in range(self.batch):
                     if committed[r] > 0:
                         acceptance[r].append(committed[r])
@@ -610,6 +627,7 @@ def generate(
     compile: bool | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    on_step: Callable[[list[list[int]]], None] | None = None,
 ) -> DFlashGenerateOutput:
     """Batched DFlash generation (see `DFlashDecoder`); builds a decoder sized for this call.
 
@@ -623,7 +641,7 @@ def generate(
     return decoder.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, streamer=streamer,
-        generator=generator, progress=progress,
+        generator=generator, progress=progress, on_step=on_step,
     )
 
 

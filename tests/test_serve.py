@@ -512,3 +512,37 @@ def test_sigterm_shuts_down_cleanly_with_a_request_in_flight(servers, ref):
     stream.close()
     assert code == 0, proc.log.read_text()[-2000:]
     assert elapsed < 8, f"shutdown took {elapsed:.1f} s"
+
+
+def test_every_row_of_a_batch_streams_while_its_batch_runs(ref):
+    """The engine hands each row of a batch its tokens step by step (the decoder's `on_step`), not when the batch
+    ends: every chunk is posted while `decoder.generate` is still running, and the chunks are the target's answer."""
+    from dflash_hf.serve import Engine, Row, SamplingParams, random_drafter
+
+    engine = Engine(ref.model, ref.tokenizer, random_drafter(ref.model, ref.tokenizer, 1), max_batch_size=4)
+    running = False
+    posts = []
+    generate = engine.decoder.generate
+
+    def tracked(*args, **kwargs):
+        nonlocal running
+        running = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            running = False
+
+    engine.decoder.generate = tracked
+    engine._post = lambda row, item: posts.append((running, row, item))
+    budgets = {PROMPTS[0]: 12, PROMPTS[1]: 5, PROMPTS[2]: 9}
+    rows = [Row(ref.chat_ids(user(p)), SamplingParams(max_tokens=m, temperature=0.0), stream=True, queue=None)
+            for p, m in budgets.items()]
+    stats = engine._run_batch(rows)
+    assert stats["rows"] == 3 and stats["padded"] == 4  # a bucket of 4: one filler row, never posted
+    for row, (prompt, max_tokens) in zip(rows, budgets.items()):
+        mine = [(during, item) for during, r, item in posts if r is row]
+        assert mine[-1] == (False, ("end", None))
+        chunks = [payload for during, (kind, payload) in mine if kind == "chunk"]
+        assert len(chunks) > 1 and all(during for during, (kind, _) in mine if kind == "chunk")
+        assert [t for chunk in chunks for t in chunk] == ref.greedy(ref.chat_ids(user(prompt)), max_tokens)
+    assert {id(r) for _, r, _ in posts} == {id(r) for r in rows}  # the filler row posts nothing

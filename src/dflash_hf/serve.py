@@ -14,9 +14,10 @@ How requests are run (one process, one model):
 - The decoder keeps static caches and CUDA graphs per batch size, so batches are padded up to the next power of two
   (capped at `--max-batch-size`) by repeating the first row: a handful of shapes instead of one per batch size.
 - A seeded sampling request (`seed` set, temperature > 0) runs alone, so the same request and seed give the same text.
-- Streaming: a request that is alone in its batch is streamed live through the decoder's streamer (time to first token
-  = queueing + prefill). The rows of a batch of two or more are streamed once their batch has finished (the decoder
-  reports per-row tokens only at the end of a batched call), so their time to first token is the batch's duration.
+- Streaming: every row streams live, one chunk per verify step (the decoder's `on_step` hands over each row's newly
+  committed tokens with the step's one host sync): time to first token = queueing + prefill, at any batch size. With
+  `--no-drafter` (plain `target.generate`, whose streamers take batch 1 only) a row of a batch of two or more arrives
+  when its batch ends.
 - Greedy (`temperature: 0`) output is, token for token, what the target alone produces for that request.
 
 `--no-drafter` serves the same API through plain batched `target.generate` (same batching, no drafter), to compare
@@ -613,6 +614,17 @@ class Engine:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         budget = max(r.params.max_tokens for r in rows)
         streamer = _RowStreamer(lambda item: self._post(rows[0], item), rows[0]) if live else None
+        sent = [0] * len(rows)
+
+        def post_step(chunks: list[list[int]]) -> None:
+            # Each real row (not the bucket's filler rows) gets its new tokens now, cut at its own max_tokens.
+            for i, row in enumerate(rows):
+                ids = chunks[i][: row.params.max_tokens - sent[i]]
+                sent[i] += len(ids)
+                if ids and not row.cancelled:
+                    self._post(row, ("chunk", ids))
+
+        on_step = post_step if self.decoder is not None and not live else None
         seeded = params.seed is not None and not params.greedy
         generator = torch.Generator().manual_seed(params.seed) if seeded else None
         start = time.perf_counter()
@@ -623,7 +635,7 @@ class Engine:
                     input_ids, mask, max_new_tokens=budget, do_sample=not params.greedy,
                     temperature=params.temperature if not params.greedy else 1.0, top_k=params.top_k,
                     top_p=params.top_p, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
-                    streamer=streamer, generator=generator,
+                    streamer=streamer, generator=generator, on_step=on_step,
                 )
                 new_tokens, acceptance = out.new_tokens, out.acceptance_lengths
                 if not params.greedy:
@@ -645,7 +657,9 @@ class Engine:
         seconds = time.perf_counter() - start
         tokens = 0
         for i, row in enumerate(rows):
-            if not live:
+            if on_step is not None:  # already streamed step by step
+                tokens += sent[i]
+            elif not live:
                 ids = new_tokens[i][: row.params.max_tokens]
                 tokens += len(ids)
                 if ids:
