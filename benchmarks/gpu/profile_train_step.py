@@ -79,7 +79,7 @@ def profile_step(target, layers: int, batch: int, anchors: int, steps: int, devi
         mark()
         batch_t = cpu.to(device)
         mark()
-        features = target_features(target, batch_t.input_ids, batch_t.attention_mask, config.target_layer_ids)
+        features = target_features(target, batch_t.input_ids, None, config.target_layer_ids)  # as the recipe
         mark()
         with torch.no_grad():
             noise = embed_block(drafter, target, batch_t.block_ids)

@@ -185,7 +185,8 @@ def run(args) -> int:
         result = train_drafter(
             target, drafter, args.data,
             epochs=args.epochs, max_steps=args.max_steps,
-            time_budget=args.time_budget_minutes * 60 if args.time_budget_minutes else None, batch_size=args.batch_size, num_anchors=args.num_anchors,
+            time_budget=args.time_budget_minutes * 60 if args.time_budget_minutes else None,
+            batch_size=args.batch_size, num_anchors=args.num_anchors,
             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
             grad_clip=args.grad_clip, gamma=args.gamma, max_length=args.max_length, seed=args.seed,
             autocast=False if args.no_autocast else None, eval_set=eval_set, eval_every=args.eval_every or None,
