@@ -516,7 +516,8 @@ def test_sigterm_shuts_down_cleanly_with_a_request_in_flight(servers, ref):
 
 def test_every_row_of_a_batch_streams_while_its_batch_runs(ref):
     """The engine hands each row of a batch its tokens step by step (the decoder's `on_step`), not when the batch
-    ends: every chunk is posted while `decoder.generate` is still running, and the chunks are the target's answer."""
+    ends: every chunk is posted while `decoder.generate` is still running, the chunks are the target's answer, and a
+    row that is done (here: the 5-token one) gets its end while the longer rows still run."""
     from dflash_hf.serve import Engine, Row, SamplingParams, random_drafter
 
     engine = Engine(ref.model, ref.tokenizer, random_drafter(ref.model, ref.tokenizer, 1), max_batch_size=4)
@@ -541,8 +542,14 @@ def test_every_row_of_a_batch_streams_while_its_batch_runs(ref):
     assert stats["rows"] == 3 and stats["padded"] == 4  # a bucket of 4: one filler row, never posted
     for row, (prompt, max_tokens) in zip(rows, budgets.items()):
         mine = [(during, item) for during, r, item in posts if r is row]
-        assert mine[-1] == (False, ("end", None))
+        assert mine[-1][1] == ("end", None) and [item for _, item in mine].count(("end", None)) == 1
         chunks = [payload for during, (kind, payload) in mine if kind == "chunk"]
         assert len(chunks) > 1 and all(during for during, (kind, _) in mine if kind == "chunk")
         assert [t for chunk in chunks for t in chunk] == ref.greedy(ref.chat_ids(user(prompt)), max_tokens)
+    lengths = [len(ref.greedy(ref.chat_ids(user(p)), m)) for p, m in budgets.items()]
+    short, longest = rows[1], rows[lengths.index(max(lengths))]
+    assert lengths[1] == 5 < max(lengths)
+    end_of_short = next(k for k, (_, r, item) in enumerate(posts) if r is short and item[0] == "end")
+    last_of_longest = max(k for k, (_, r, item) in enumerate(posts) if r is longest and item[0] == "chunk")
+    assert posts[end_of_short][0] and end_of_short < last_of_longest  # answered while the batch still ran
     assert {id(r) for _, r, _ in posts} == {id(r) for r in rows}  # the filler row posts nothing

@@ -615,14 +615,22 @@ class Engine:
         budget = max(r.params.max_tokens for r in rows)
         streamer = _RowStreamer(lambda item: self._post(rows[0], item), rows[0]) if live else None
         sent = [0] * len(rows)
+        ended = [False] * len(rows)
+        stops = set(self.stop_token_ids)
 
         def post_step(chunks: list[list[int]]) -> None:
-            # Each real row (not the bucket's filler rows) gets its new tokens now, cut at its own max_tokens.
+            # Each real row (not the bucket's filler rows) gets its new tokens now, cut at its own max_tokens, and
+            # its end as soon as it has one (a stop token or its max_tokens), not when the whole batch ends.
             for i, row in enumerate(rows):
+                if ended[i]:
+                    continue
                 ids = chunks[i][: row.params.max_tokens - sent[i]]
                 sent[i] += len(ids)
                 if ids and not row.cancelled:
                     self._post(row, ("chunk", ids))
+                if sent[i] >= row.params.max_tokens or (ids and ids[-1] in stops):
+                    ended[i] = True
+                    self._post(row, ("end", None))
 
         on_step = post_step if self.decoder is not None and not live else None
         seeded = params.seed is not None and not params.greedy
@@ -657,9 +665,12 @@ class Engine:
         seconds = time.perf_counter() - start
         tokens = 0
         for i, row in enumerate(rows):
-            if on_step is not None:  # already streamed step by step
+            if on_step is not None:  # already streamed step by step, and ended if its row has ended
                 tokens += sent[i]
-            elif not live:
+                if not ended[i]:
+                    self._post(row, ("end", None))
+                continue
+            if not live:
                 ids = new_tokens[i][: row.params.max_tokens]
                 tokens += len(ids)
                 if ids:
