@@ -16,16 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dflash_hf
 from dflash_hf import DFlashConfig, DFlashDecoder, DFlashDraftModel
 
-PROMPTS = [
-    "Write a Python function that checks whether a number is prime.",
-    "What is the capital of France? Answer in one sentence.",
-    "Explain in three sentences why the sky is blue.",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "List five fruits and one fact about each.",
-    "Write a haiku about the sea.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-]
+from short_prompts import PROMPTS
 
 
 def load_smollm2(gguf: str, dtype, device):

@@ -32,16 +32,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-PROMPTS = [
-    "Write a Python function that checks whether a number is prime.",
-    "What is the capital of France? Answer in one sentence.",
-    "Explain in three sentences why the sky is blue.",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "List five fruits and one fact about each.",
-    "Write a haiku about the sea.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "Give me three tips for writing clear documentation.",
-]
+from short_prompts import PROMPTS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
