@@ -179,6 +179,19 @@ def greedy(target, input_ids, max_new_tokens, **kw):
                            max_new_tokens=max_new_tokens, **kw)
 
 
+def run_main(args, capsys) -> tuple[int, str, str]:
+    """`(exit code, stdout, stderr)` of the console script's entry point run in-process (argparse errors exit
+    through SystemExit)."""
+    from dflash_hf.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def random_prompt(length: int, seed: int = 0, vocab: int = VOCAB) -> torch.LongTensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(6, vocab, (1, length), generator=g)

@@ -13,8 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dflash_hf.cli import main
-from helpers import VOCAB, tiny_drafter, tiny_target
+from helpers import VOCAB, run_main, tiny_drafter, tiny_target
 
 COMMANDS = ("demo", "generate", "chat", "export", "convert")
 SPECIAL = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<mask>"]
@@ -28,16 +27,6 @@ def cli(*args, stdin: str | None = None, timeout: int = 600) -> subprocess.Compl
     env.pop("HF_TOKEN", None)
     return subprocess.run([sys.executable, "-m", "dflash_hf", *map(str, args)], input=stdin, capture_output=True,
                           text=True, env=env, timeout=timeout)
-
-
-def run_main(args, capsys) -> tuple[int, str, str]:
-    """The same entry point as the console script, in-process (argparse errors exit through SystemExit)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

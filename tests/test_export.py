@@ -21,9 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dflash_hf.cli import main
 from dflash_hf.export import AUTO_MAP, convert_zlab, export_drafter, remote_code_files
-from helpers import ZLAB_SPECS, target_for_spec, tiny_drafter, tiny_target, write_zlab_checkpoint, zlab_config_dict
+from helpers import (
+    ZLAB_SPECS,
+    run_main,
+    target_for_spec,
+    tiny_drafter,
+    tiny_target,
+    write_zlab_checkpoint,
+    zlab_config_dict,
+)
 
 # Released layouts converted and run end to end: a Gemma-4 drafter (sliding layers, softcap, 6 context layers, a
 # real token as mask id) and a Qwen3.5 drafter (eos == pad, untied), in tiny.
@@ -324,16 +331,6 @@ def test_convert_rejects_a_checkpoint_that_does_not_match_its_config(exported, t
     with pytest.raises(ValueError, match="shape"):
         convert_zlab(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def run_main(args, capsys) -> tuple[int, str, str]:
-    """The console script's entry point in-process (argparse errors exit through SystemExit)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def cli(*args, env_extra=None, cwd=None):
