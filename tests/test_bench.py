@@ -138,6 +138,72 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
         assert payload["plot"] is None and not png.exists()
 
 
+def test_bench_stop_at_eos(tiny_folder: Path, tmp_path: Path):
+    """--stop-at-eos: every method stops each row at the target's EOS, rows are compared up to it, tokens/s counts
+    only what was produced. The EOS is set (in the folder's generation_config) to a token the model emits early."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    spec = "chat:1,code:1"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    prompts, _ = bench.load_prompts(bench.parse_prompt_spec(spec))
+    ids = bench.tokenize_prompts(prompts, tokenizer, chat_template=True, max_prompt_tokens=24)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    greedy = [model.generate(r[None], attention_mask=torch.ones_like(r[None]), do_sample=False, max_new_tokens=MAX_NEW,
+                             eos_token_id=None, pad_token_id=0)[0, len(r):].tolist() for r in ids]
+    stop = next(t for t in greedy[0][2:] if t != tokenizer.pad_token_id)
+    lengths = [row.index(stop) + 1 if stop in row else MAX_NEW for row in greedy]
+    assert lengths[0] < MAX_NEW
+
+    folder = tmp_path / "tiny_eos"
+    shutil.copytree(tiny_folder, folder)
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.eos_token_id = [stop]
+    generation.save_pretrained(folder)
+
+    results = tmp_path / "results"
+    args = ["--target", str(folder), "--drafter", "random:2", "--device", "cpu", "--dtype", "fp32",
+            "--max-new-tokens", str(MAX_NEW), "--repeats", "1", "--warmup-tokens", "4", "--batch-sizes", "1,2",
+            "--block-size", "4", "--prompts", spec, "--max-prompt-tokens", "24", "--threads", "1", "--no-plot",
+            "--methods", "ar_eager,ar_static,dflash_loop_eager,dflash_generate", "--stop-at-eos",
+            "--results-dir", str(results), "--out", "eos"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "dflash_hf", "bench", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    payload = json.loads((results / "eos.json").read_text())
+    assert payload["settings"]["stop_token_ids"] == [stop]
+    assert "stops a row at the target's EOS" in payload["settings"]["eos_policy"]
+    assert "stops a row at the target's EOS" in (results / "eos.md").read_text()
+    rows = {(r["method"], r["batch_size"]): r for r in payload["results"]}
+    expected = [("ar_eager", 1), ("ar_eager", 2), ("ar_static", 1), ("ar_static", 2), ("dflash_loop_eager", 1),
+                ("dflash_loop_eager", 2), ("dflash_generate", 1)]
+    for key in expected:
+        row = rows[key]
+        assert row["status"] == "ok", (key, row.get("reason"))
+        # Both prompts once per pass (one item each at batch 1, one item of both at batch 2).
+        assert row["new_tokens"] == sum(lengths), (key, row["new_tokens"], lengths)
+        assert row["tokens_per_row_ok"], key
+        assert row["lossless"]["exact"] is True, (key, row["lossless"])
+
+
+def test_target_stop_ids_reads_generation_config_then_config(tiny_folder: Path):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    assert bench.target_stop_ids(model, tokenizer) == [2]
+    model.generation_config.eos_token_id = [7, 9]
+    assert bench.target_stop_ids(model, tokenizer) == [7, 9]
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="--stop-at-eos: the target names no EOS token"):
+        bench.target_stop_ids(model, tokenizer)
+
+
 def test_truncated_assistant_shares_embedding_and_head(tiny_folder: Path):
     target = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     assistant = bench.build_truncated_assistant(target, 2)

@@ -17,8 +17,10 @@ One process, one model load, the same prompts and the same number of new tokens 
                         captured as a CUDA graph (and, for the compiled loop, compiled first), plus a 1-token target
                         forward; loop overhead = our steady-state step / floor of the same kind.
 
-EOS is ignored by every method (`eos_token_id=None` for `generate`, no stop tokens for the loop), so every row of every
-method produces exactly `max_new_tokens` tokens and greedy outputs can be compared token by token with `ar_eager`.
+By default EOS is ignored by every method (`eos_token_id=None` for `generate`, no stop tokens for the loop), so every
+row of every method produces exactly `max_new_tokens` tokens and greedy outputs can be compared token by token with
+`ar_eager`. With `--stop-at-eos` every method stops a row at the target's EOS token(s) instead (how the models are
+used, and what the drafter was trained on); rows are compared up to and including their stop token.
 Timing: warm-up call(s) (on CUDA `ar_static` compiles there), then `repeats` timed passes; per item we keep the best and
 the median wall time (CUDA synchronised). Splits into draft / verify / overhead come from forward hooks with CUDA events
 (HF routes) or from the loop's own counters (`DFlashGenerateOutput.time_draft/time_verify/steps`).
@@ -87,6 +89,11 @@ EOS_POLICY = (
     "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=[]): every row generates "
     "exactly max_new_tokens tokens, so throughput compares equal work and greedy tokens compare one to one. Tokens after "
     "an end-of-turn are the model's own continuation, which can shift acceptance relative to stopping at EOS."
+)
+EOS_POLICY_STOP = (
+    "Every method stops a row at the target's EOS token(s) {ids} (generate(eos_token_id=...); DFlashDecoder "
+    "stop_token_ids=...), up to max_new_tokens: answers end where the model ends them. tokens/s counts the tokens each "
+    "row produced (stop token included); a batch runs until its longest row ends, as it would in use."
 )
 
 # Used only when `dflash_hf.prompts` (the project's held-out prompt sets) is not installed.
@@ -242,6 +249,19 @@ def _pick_mask_token_id(tokenizer, text_config) -> int:
             if token_id not in reserved and 0 <= token_id < vocab:
                 return int(token_id)
     return vocab - 1
+
+
+def target_stop_ids(target: nn.Module, tokenizer) -> list[int]:
+    """The target's EOS id(s): its generation config's (an int or a list, e.g. chat models' end-of-turn), else its
+    text config's, else the tokenizer's. Raises if none is named (--stop-at-eos would then never stop)."""
+    text = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    generation = getattr(target, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), text.eos_token_id, tokenizer.eos_token_id):
+        ids = [value] if isinstance(value, int) else list(value or [])
+        if ids:
+            return [int(i) for i in ids]
+    raise ValueError("--stop-at-eos: the target names no EOS token (generation_config, config and tokenizer all "
+                     "lack eos_token_id); set generation_config.eos_token_id in the model folder or drop the flag.")
 
 
 def build_random_drafter(target: nn.Module, num_layers: int, *, block_size: int = 16, tokenizer=None,
@@ -740,10 +760,18 @@ class Context:
         self.decoders: dict[tuple[bool, bool], tuple[Any, dict]] = {}
         self.step_timers: dict[tuple[bool, bool], StepIntervalTimer] = {}
         self.max_width = 0
+        self.stop_ids: list[int] = []  # empty: EOS ignored (the default); else --stop-at-eos
+
+    def trim(self, rows: list[list[int]]) -> list[list[int]]:
+        """Each row cut after its first stop token (`generate` pads finished rows of a batch; the loop stops itself)."""
+        if not self.stop_ids:
+            return rows
+        stops = set(self.stop_ids)
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
     def generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
-        return dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=None,
-                    pad_token_id=self.pad_id, num_beams=1)
+        return dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                    eos_token_id=list(self.stop_ids) or None, pad_token_id=self.pad_id, num_beams=1)
 
     def decoder(self, mode: tuple[bool, bool]):
         """The reusable decoder for `mode` = (cuda_graphs, compile)."""
@@ -771,7 +799,7 @@ def _hf_runner(ctx: Context, extra: dict[str, Any], *, draft_module: nn.Module |
             if draft_timer is not None:
                 draft_timer.remove()
         sequences = out.sequences if hasattr(out, "sequences") else out
-        new = sequences[:, item.input_ids.shape[1]:].tolist()
+        new = ctx.trim(sequences[:, item.input_ids.shape[1]:].tolist())
         target_calls = target_timer.take()
         draft_calls = draft_timer.take() if draft_timer is not None else []
         n_tokens = sum(len(r) for r in new)
@@ -806,9 +834,10 @@ def _static_runner(ctx: Context) -> Callable[[Item, int], RunOutput]:
     def run(item: Item, max_new_tokens: int) -> RunOutput:
         out = ctx.target.generate(item.input_ids, attention_mask=item.attention_mask,
                                   **ctx.generate_kwargs(max_new_tokens), **extra)
-        new = out[:, item.input_ids.shape[1]:].tolist()
-        return RunOutput(tokens=new, steps=max_new_tokens, committed=sum(len(r) for r in new),
-                         target_forwards=max_new_tokens)
+        # One decode forward per generated position of the batch (all of them when EOS is ignored).
+        positions = out.shape[1] - item.input_ids.shape[1]
+        new = ctx.trim(out[:, item.input_ids.shape[1]:].tolist())
+        return RunOutput(tokens=new, steps=positions, committed=sum(len(r) for r in new), target_forwards=positions)
 
     return run
 
@@ -820,9 +849,9 @@ def _loop_runner(ctx: Context, mode: tuple[bool, bool]) -> Callable[[Item, int],
         timer.attach(decoder)  # no-op before the first call (no workspace yet) and once wrapped
         timer.new_run()
         out = decoder.generate(item.input_ids, item.attention_mask, max_new_tokens=max_new_tokens,
-                               stop_token_ids=[], pad_token_id=ctx.pad_id, **gen_kwargs)
+                               stop_token_ids=list(ctx.stop_ids), pad_token_id=ctx.pad_id, **gen_kwargs)
         flat = [a for row in out.acceptance_lengths for a in row]
-        return RunOutput(tokens=[list(r) for r in out.new_tokens], steps=out.steps, committed=sum(flat),
+        return RunOutput(tokens=ctx.trim([list(r) for r in out.new_tokens]), steps=out.steps, committed=sum(flat),
                          draft_s=out.time_draft, verify_s=out.time_verify, prefill_s=out.time_prefill,
                          target_forwards=out.steps + 1, draft_forwards=out.steps, acceptance=flat)
 
@@ -879,6 +908,7 @@ class BenchOptions:
     plot: bool = True
     margin_checks: int = 12
     threads: int | None = None
+    stop_at_eos: bool = False
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -982,7 +1012,11 @@ def _summarise(ctx: Context, spec: MethodSpec, batch: int, items: list[Item], ra
     row: dict[str, Any] = {
         "method": spec.key, "label": spec.label, "batch_size": batch, "status": "ok",
         "items": len(items), "passes": raw["passes"], "warmup_s": raw["warmup_s"],
-        "new_tokens": tokens, "tokens_per_row_ok": all(len(r) == N for o in outputs for r in o.tokens),
+        "new_tokens": tokens,
+        # Every row has exactly N tokens (EOS ignored), or at most N and ends at a stop token or at N (--stop-at-eos).
+        "tokens_per_row_ok": all(
+            (len(r) == N) if not ctx.stop_ids else (0 < len(r) <= N and (len(r) == N or r[-1] in ctx.stop_ids))
+            for o in outputs for r in o.tokens),
         "time_best_s": total_best, "time_median_s": total_median,
         "times_s": raw["times"],
         "tokens_per_second": tokens / total_best, "tokens_per_second_median": tokens / total_median,
@@ -1132,6 +1166,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     ctx = Context(target=target, tokenizer=tokenizer, drafter=drafter, device=device, dtype=dtype,
                   max_new_tokens=opts.max_new_tokens, pad_id=pad_id, opts=opts)
     ctx.max_width = max(len(r) for r in ids)
+    if opts.stop_at_eos:
+        ctx.stop_ids = target_stop_ids(target, tokenizer)
     assistant_layers = opts.assistant_layers or max(1, text.num_hidden_layers // 6)
     weights = {"target": forward_weight_bytes(target),
                "drafter": forward_weight_bytes(drafter, extra=target.get_output_embeddings())}
@@ -1146,7 +1182,9 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
             "drafter": drafter_label, "drafter_trained": trained, "drafter_params": param_count(drafter),
             "block_size": drafter.config.block_size, "target_layer_ids": list(drafter.config.target_layer_ids),
             "max_new_tokens": opts.max_new_tokens, "repeats": opts.repeats, "warmup_tokens": opts.warmup_tokens,
-            "batch_sizes": opts.batch_sizes, "methods": opts.methods, "eos_policy": EOS_POLICY,
+            "batch_sizes": opts.batch_sizes, "methods": opts.methods,
+            "eos_policy": EOS_POLICY_STOP.format(ids=ctx.stop_ids) if ctx.stop_ids else EOS_POLICY,
+            "stop_token_ids": ctx.stop_ids,
             "timing": "per item: best (and median) of the timed passes after a warm-up; tokens/s = new tokens / "
                       "summed best times; on CUDA every timing is synchronised",
             "prompt_source": prompt_source, "chat_template": bool(opts.chat_template and tokenizer.chat_template),
@@ -1291,7 +1329,7 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
                           prefill_first=False), short
     if key == "prompt_lookup":
         extra: dict[str, Any] = {"prompt_lookup_num_tokens": ctx.opts.prompt_lookup_tokens}
-        if int(transformers.__version__.split(".")[0]) < 5:
+        if int(transformers.__version__.split(".")[0]) < 5 and not ctx.stop_ids:
             # 4.x's prompt-lookup generator calls isin(candidates, eos) and fails on eos=None; an id outside the
             # vocabulary never matches, so EOS is still ignored.
             text = ctx.target.config.get_text_config() if hasattr(ctx.target.config, "get_text_config") else ctx.target.config
@@ -1598,6 +1636,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes at which the bare floor is also measured compiled (CUDA, with "
                              "dflash_loop_compiled); '' for none. Each costs a compile of verify and draft")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="stop every row at the target's EOS token(s) instead of generating exactly "
+                             "--max-new-tokens (default: EOS ignored, equal work for every method)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest for tiny models on a busy CPU)")
 
@@ -1615,7 +1656,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         prompt_lookup_tokens=args.prompt_lookup_tokens, out=args.out, results_dir=args.results_dir,
         time_budget=args.time_budget, method_time_limit=args.method_time_limit,
         chat_template=not args.no_chat_template, max_prompt_tokens=args.max_prompt_tokens,
-        bare_iters=args.bare_iters, plot=not args.no_plot, threads=args.threads,
+        bare_iters=args.bare_iters, plot=not args.no_plot, threads=args.threads, stop_at_eos=args.stop_at_eos,
         bare_compile_batches=[int(x) for x in str(args.bare_compile_batches).split(",") if x.strip()],
     )
 
@@ -1640,5 +1681,6 @@ __all__ = [
     "load_prompts",
     "make_decoder",
     "run_benchmark",
+    "target_stop_ids",
     "time_callable",
 ]
