@@ -283,11 +283,16 @@ class _Workspace:
         self.slot_ids = torch.arange(self.capacity + B, device=device)
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         steady_draft = functools.partial(self._draft, decoder.block_size)
+        self.steady_verify = self._verify_and_accept
         if decoder.compile:
+            # The model forwards are what compilation pays for (inductor fuses HF's many small kernels). The
+            # acceptance and commit stay eager (inside the same CUDA graph, so they still cost no launches): fused
+            # with the verify's vocabulary argmax, the stop-token check made Triton fail to compile at batch 1
+            # ("PassManager::run failed", torch 2.11 on the H200).
             self.steady_draft = torch.compile(steady_draft, dynamic=False)
-            self.steady_verify = torch.compile(self._verify_and_accept, dynamic=False)
+            self.verify_forward = torch.compile(self._verify_forward, dynamic=False)
         else:
-            self.steady_draft, self.steady_verify = steady_draft, self._verify_and_accept
+            self.steady_draft, self.verify_forward = steady_draft, self._verify_forward
 
     # ---------------------------------------------------------------------------------------------- masks & positions
     def _target_mask(self, query_slots: torch.Tensor, dtype) -> torch.Tensor | dict:
@@ -375,8 +380,7 @@ class _Workspace:
         slots = (self.length - 1)[:, None] + self.arange_b[None]
         self.target_cache.write_slots = slots
         positions = slots - self.pad[:, None]
-        logits = self._target_forward(block, positions, slots)  # [b, B, V]
-        features = self.capture.features()  # [b, B, k*H]
+        logits, features = self.verify_forward(block, positions, slots)  # [b, B, V], [b, B, k*H]
 
         if self.do_sample:
             p = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # [b, B, V]
@@ -415,6 +419,12 @@ class _Workspace:
         self.anchor.copy_(torch.where(count > 0, new_anchor, self.anchor))
         self.done.copy_(self.done | hit_stop | (self.generated >= self.budget))
         self.ctx_features.copy_(features)
+
+    def _verify_forward(self, block, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verify's target forward on `block` `[b, B]`: fp32 logits `[b, B, V]` and the captured context features
+        `[b, B, k*H]` (the part of a step that `compile=True` compiles)."""
+        logits = self._target_forward(block, positions, slots)
+        return logits, self.capture.features()
 
     def _target_forward(self, ids, positions, slots, last_only: bool = False) -> torch.Tensor:
         """Target logits `[b, q, V]` (fp32) for `ids` `[b, q]`; `last_only` keeps only the last position's, which

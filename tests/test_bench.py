@@ -235,6 +235,15 @@ def test_bad_options_are_named(changes, message):
         bench.validate_options(bench.BenchOptions(**changes))
 
 
+def test_error_reasons_fit_one_table_cell():
+    reason = ("InductorError: SubprocException: in a subprocess:\n\nTraceback (most recent call last):\n  File x\n"
+              "RuntimeError: PassManager::run failed\n\nSet TORCHDYNAMO_VERBOSE=1 for more")
+    assert bench._one_line(reason) == ("InductorError: SubprocException: in a subprocess: ... "
+                                       "RuntimeError: PassManager::run failed")
+    assert bench._one_line("needs CUDA") == "needs CUDA"
+    assert bench._one_line("a | b\nValueError: c | d") == "a / b ... ValueError: c / d"  # no stray table columns
+
+
 def test_prompt_spec_and_left_padding():
     assert bench.parse_prompt_spec("2") == 2
     assert bench.parse_prompt_spec("math:2, chat:1") == {"math": 2, "chat": 1}

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -1431,6 +1432,16 @@ def _fmt(value: Any, spec: str = ".1f", none: str = "–") -> str:
         return str(value)
 
 
+def _one_line(reason: str) -> str:
+    """A (possibly multi-line, traceback-carrying) reason as one table cell: its first line and the last line that
+    names an exception (`SomethingError: ...`). The JSON keeps the whole text."""
+    lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    errors = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return f"{lines[0]} ... {errors[-1] if errors else lines[-1]}".replace("|", "/")
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     env, s = payload["environment"], payload["settings"]
     cuda = env["device"].startswith("cuda")
@@ -1458,7 +1469,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     for r in payload["results"]:
         label = f"`{r['method']}`"
         if r.get("status") != "ok":
-            lines.append(f"| {label} | {r['batch_size']} | {r['status']}: {r.get('reason', '')} "
+            lines.append(f"| {label} | {r['batch_size']} | {r['status']}: {_one_line(r.get('reason', ''))} "
                          "| | | | | | | | | | | |")
             continue
         bw = r.get("weight_bandwidth_Bps")
