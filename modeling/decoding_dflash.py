@@ -124,8 +124,9 @@ class DFlashDecoder:
         drafter: a `DFlashDraftModel` that fits it.
         max_length: capacity in tokens per row (prompt + new tokens) for the static caches.
         cuda_graphs: capture the draft and verify steps as CUDA graphs (default: when on CUDA).
-        compile: run the steady-state draft and verify steps through `torch.compile` (inductor fuses HF's many small
-            kernels; default: when on CUDA). Compilation happens on first use per batch size.
+        compile: run the steady-state draft step and the verify's target forward through `torch.compile` (inductor
+            fuses HF's many small kernels; default: when on CUDA); the acceptance stays eager. Compilation happens on
+            first use per batch size.
     """
 
     def __init__(
