@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -244,12 +246,56 @@ class DFlashDecoder:
             streamer, progress, on_step,
         )
 
+    @property
+    def compile_failures(self) -> list[str]:
+        """Steps whose `torch.compile` failed and that run uncompiled since (each with the error's type), over every
+        batch size and sampling setting used so far; empty when compiling worked or is off."""
+        return [f"{fn.name}: {type(fn.failure).__name__}" for ws in self._workspaces.values()
+                for fn in (ws.steady_draft, ws.verify_forward)
+                if isinstance(fn, _CompiledOrEager) and fn.failure is not None]
+
     def _workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops) -> "_Workspace":
         key = (batch, do_sample, temperature if do_sample else None, top_k if do_sample else None,
                top_p if do_sample else None, n_stops)
         if key not in self._workspaces:
             self._workspaces[key] = _Workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops)
         return self._workspaces[key]
+
+
+class _CompiledOrEager:
+    """`torch.compile(fn)` that falls back to `fn` itself, with a warning, when compiling fails: a compiler bug in the
+    installed torch / Triton (one was met on the H200) must cost speed, said out loud, not the generation.
+
+    Compilation happens on the first call, before the compiled code runs, and `fn` writes the same values into the
+    same static buffers either way, so running `fn` after a failed compile is safe.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        from torch._dynamo.exc import TorchDynamoException  # inductor's and Triton's errors derive from it
+
+        self.eager, self.name = fn, name
+        self.compiled = torch.compile(fn, dynamic=False)
+        self.compile_errors = (TorchDynamoException,)
+        self.failure: Exception | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.failure is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except self.compile_errors as error:
+                self.failure = error
+                # The cause is the last "...Error: ..." line of a message that may carry a whole traceback.
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+                cause = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)),
+                             lines[0])
+                warnings.warn(
+                    f"DFlashDecoder: torch.compile failed for the {self.name} ({type(error).__name__}: {cause}); it "
+                    "runs without compile from now on (CUDA graphs still apply, but steps are slower). Pass "
+                    "compile=False to skip compiling.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.eager(*args, **kwargs)
 
 
 class _Workspace:
@@ -290,8 +336,8 @@ class _Workspace:
             # acceptance and commit stay eager (inside the same CUDA graph, so they still cost no launches): fused
             # with the verify's vocabulary argmax, the stop-token check made Triton fail to compile at batch 1
             # ("PassManager::run failed", torch 2.11 on the H200).
-            self.steady_draft = torch.compile(steady_draft, dynamic=False)
-            self.verify_forward = torch.compile(self._verify_forward, dynamic=False)
+            self.steady_draft = _CompiledOrEager(steady_draft, "draft step")
+            self.verify_forward = _CompiledOrEager(self._verify_forward, "verify forward")
         else:
             self.steady_draft, self.verify_forward = steady_draft, self._verify_forward
 

@@ -240,7 +240,7 @@ def test_error_reasons_fit_one_table_cell():
               "RuntimeError: PassManager::run failed\n\nSet TORCHDYNAMO_VERBOSE=1 for more")
     assert bench._one_line(reason) == ("InductorError: SubprocException: in a subprocess: ... "
                                        "RuntimeError: PassManager::run failed")
-    assert bench._one_line("needs CUDA") == "needs CUDA"
+    assert bench._one_line("needs CUDA") == "needs CUDA" and bench._one_line("a|b") == "a/b"
     assert bench._one_line("a | b\nValueError: c | d") == "a / b ... ValueError: c / d"  # no stray table columns
 
 

@@ -1043,6 +1043,8 @@ def _summarise(ctx: Context, spec: MethodSpec, batch: int, items: list[Item], ra
             row["tau"] = committed / (n_steps * batch)
         elif not spec.speculative:
             row["tau"] = 1.0
+    if raw.get("compile_failures"):
+        row["compile_failures"] = raw["compile_failures"]
     intervals = raw.get("step_intervals")
     if intervals is not None:
         # Steady-state loop step (all timed passes): the number the loop-overhead goal is about.
@@ -1246,6 +1248,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
                 raw = _measure(ctx, spec.key, batch, items, runner, warmup_tokens=warmup_tokens,
                                time_limit=opts.method_time_limit)
                 if spec.key in LOOP_MODES:
+                    # A compile that failed and fell back to eager must show in the results, not only on stderr.
+                    raw["compile_failures"] = list(getattr(ctx.decoder(LOOP_MODES[spec.key])[0], "compile_failures", []))
                     timer = ctx.step_timers.get(LOOP_MODES[spec.key])
                     raw["step_intervals"] = list(timer.intervals) if timer is not None else []
                     if timer is not None:
@@ -1436,10 +1440,10 @@ def _one_line(reason: str) -> str:
     """A (possibly multi-line, traceback-carrying) reason as one table cell: its first line and the last line that
     names an exception (`SomethingError: ...`). The JSON keeps the whole text."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else ""
-    errors = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-    return f"{lines[0]} ... {errors[-1] if errors else lines[-1]}".replace("|", "/")
+    if len(lines) > 1:
+        errors = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+        lines = [f"{lines[0]} ... {errors[-1] if errors else lines[-1]}"]
+    return (lines[0] if lines else "").replace("|", "/")  # a "|" would split the table row
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
@@ -1468,6 +1472,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in payload["results"]:
         label = f"`{r['method']}`"
+        if r.get("compile_failures"):  # ran, but (partly) uncompiled: the numbers are not the compiled loop's
+            label += f" (compile failed: {', '.join(r['compile_failures'])}; ran uncompiled)"
         if r.get("status") != "ok":
             lines.append(f"| {label} | {r['batch_size']} | {r['status']}: {_one_line(r.get('reason', ''))} "
                          "| | | | | | | | | | | |")
