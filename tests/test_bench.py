@@ -50,6 +50,15 @@ def write_tiny_model(folder: Path) -> Path:
     return folder
 
 
+def run_bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m dflash_hf bench ARGS` in a subprocess, offline and single-threaded; asserts it succeeded."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "dflash_hf", "bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("bench") / "tiny")
@@ -62,10 +71,7 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
             "--batch-sizes", ",".join(map(str, BATCHES)), "--block-size", "4", "--prompts", "chat:1,code:1",
             "--max-prompt-tokens", "24", "--bare-iters", "10", "--threads", "1",
             "--results-dir", str(results), "--out", "tiny"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "dflash_hf", "bench", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench(args, cwd=tmp_path)
 
     payload = json.loads((results / "tiny.json").read_text())
     env_info, settings = payload["environment"], payload["settings"]
@@ -168,10 +174,7 @@ def test_bench_stop_at_eos(tiny_folder: Path, tmp_path: Path):
             "--block-size", "4", "--prompts", spec, "--max-prompt-tokens", "24", "--threads", "1", "--no-plot",
             "--methods", "ar_eager,ar_static,dflash_loop_eager,dflash_generate", "--stop-at-eos",
             "--results-dir", str(results), "--out", "eos"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "dflash_hf", "bench", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_bench(args, cwd=tmp_path)
 
     payload = json.loads((results / "eos.json").read_text())
     assert payload["settings"]["stop_token_ids"] == [stop]
