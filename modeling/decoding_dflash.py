@@ -248,9 +248,9 @@ class DFlashDecoder:
 
     @property
     def compile_failures(self) -> list[str]:
-        """Steps whose `torch.compile` failed and that run uncompiled since (each with the error's type), over every
-        batch size and sampling setting used so far; empty when compiling worked or is off."""
-        return [f"{fn.name}: {type(fn.failure).__name__}" for ws in self._workspaces.values()
+        """Steps whose `torch.compile` failed and that run uncompiled since, as "step (batch N): ErrorType", over
+        every batch size and sampling setting used so far; empty when compiling worked or is off."""
+        return [f"{fn.name} (batch {ws.batch}): {type(fn.failure).__name__}" for ws in self._workspaces.values()
                 for fn in (ws.steady_draft, ws.verify_forward)
                 if isinstance(fn, _CompiledOrEager) and fn.failure is not None]
 
@@ -260,6 +260,13 @@ class DFlashDecoder:
         if key not in self._workspaces:
             self._workspaces[key] = _Workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops)
         return self._workspaces[key]
+
+
+def last_error_line(text: str) -> str | None:
+    """The last line of `text` that names an exception (`SomethingError: ...`): the cause, in a message that may carry
+    a whole traceback (inductor's do)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), None)
 
 
 class _CompiledOrEager:
@@ -284,10 +291,8 @@ class _CompiledOrEager:
                 return self.compiled(*args, **kwargs)
             except self.compile_errors as error:
                 self.failure = error
-                # The cause is the last "...Error: ..." line of a message that may carry a whole traceback.
-                lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-                cause = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)),
-                             lines[0])
+                text = str(error).strip()
+                cause = last_error_line(text) or (text.splitlines()[0] if text else type(error).__name__)
                 warnings.warn(
                     f"DFlashDecoder: torch.compile failed for the {self.name} ({type(error).__name__}: {cause}); it "
                     "runs without compile from now on (CUDA graphs still apply, but steps are slower). Pass "

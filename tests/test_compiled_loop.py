@@ -65,4 +65,5 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)  # no second warning, no second compile attempt
         again = decoder.generate(prompt, torch.ones_like(prompt), max_new_tokens=NEW, stop_token_ids=[])
     assert again.new_tokens == [want]
-    assert set(decoder.compile_failures) == {"draft step: BackendCompilerFailed", "verify forward: BackendCompilerFailed"}
+    assert set(decoder.compile_failures) == {"draft step (batch 1): BackendCompilerFailed",
+                                             "verify forward (batch 1): BackendCompilerFailed"}

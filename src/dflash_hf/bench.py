@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -48,6 +47,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from dflash_hf.modeling.decoding_dflash import last_error_line
 
 # Weight-read bandwidth ceilings of the H200 the lead runs on: HBM3e spec and the device-to-device copy measured there
 # (KINDS.md: ~4.3 TB/s counting bytes read and written).
@@ -1248,8 +1249,10 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
                 raw = _measure(ctx, spec.key, batch, items, runner, warmup_tokens=warmup_tokens,
                                time_limit=opts.method_time_limit)
                 if spec.key in LOOP_MODES:
-                    # A compile that failed and fell back to eager must show in the results, not only on stderr.
-                    raw["compile_failures"] = list(getattr(ctx.decoder(LOOP_MODES[spec.key])[0], "compile_failures", []))
+                    # A compile that failed and fell back to eager must show in the results, not only on stderr;
+                    # the decoder serves every batch size, so keep this batch size's failures only.
+                    failures = getattr(ctx.decoder(LOOP_MODES[spec.key])[0], "compile_failures", [])
+                    raw["compile_failures"] = [f for f in failures if f"(batch {batch})" in f]
                     timer = ctx.step_timers.get(LOOP_MODES[spec.key])
                     raw["step_intervals"] = list(timer.intervals) if timer is not None else []
                     if timer is not None:
@@ -1441,8 +1444,8 @@ def _one_line(reason: str) -> str:
     names an exception (`SomethingError: ...`). The JSON keeps the whole text."""
     lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
     if len(lines) > 1:
-        errors = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-        lines = [f"{lines[0]} ... {errors[-1] if errors else lines[-1]}"]
+        cause = last_error_line("\n".join(lines[1:])) or lines[-1]
+        lines = [f"{lines[0]} ... {cause}"]
     return (lines[0] if lines else "").replace("|", "/")  # a "|" would split the table row
 
 
