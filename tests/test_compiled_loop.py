@@ -15,16 +15,21 @@ from dflash_hf import DFlashDecoder
 NEW = 20
 
 
+def pair_and_greedy():
+    """A tiny target, an untrained drafter for it, a `[1, 9]` prompt and the target's greedy continuation (NEW ids)."""
+    target = tiny_target("qwen3", layers=4, hidden=32, seed=3)
+    drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
+    prompt = random_prompt(9, seed=4)
+    return target, drafter, prompt, greedy(target, prompt, NEW, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+
+
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_loop_equals_greedy_with_and_without_stop_tokens():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    target = tiny_target("qwen3", layers=4, hidden=32, seed=3)
-    drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
-    prompt = random_prompt(9, seed=4)
-    want = greedy(target, prompt, NEW, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    target, drafter, prompt, want = pair_and_greedy()
     stop = want[5]
     cut = want.index(stop) + 1
 
@@ -51,10 +56,7 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=broken_backend))
-    target = tiny_target("qwen3", layers=4, hidden=32, seed=3)
-    drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
-    prompt = random_prompt(9, seed=4)
-    want = greedy(target, prompt, NEW, eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    target, drafter, prompt, want = pair_and_greedy()
 
     decoder = DFlashDecoder(target, drafter, max_length=64, cuda_graphs=False, compile=True)
     expected = r"torch.compile failed for the (draft step|verify forward) .*PassManager::run failed \(injected\).*compile=False"
