@@ -123,7 +123,9 @@ class DFlashDecoder:
 
     Args:
         target: a decoder-only `*ForCausalLM` (sdpa or eager attention).
-        drafter: a `DFlashDraftModel` that fits it.
+        drafter: a `DFlashDraftModel` that fits it, or None for plain autoregressive decoding through the same
+            static caches and CUDA graphs (one token per row per step: fast batched generation with no drafter, and
+            the loop's own AR baseline).
         max_length: capacity in tokens per row (prompt + new tokens) for the static caches.
         cuda_graphs: capture the draft and verify steps as CUDA graphs (default: when on CUDA).
         compile: run the steady-state draft step and the verify's target forward through `torch.compile` (inductor
@@ -134,12 +136,13 @@ class DFlashDecoder:
     def __init__(
         self,
         target: nn.Module,
-        drafter: nn.Module,
+        drafter: nn.Module | None,
         max_length: int = 2048,
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
     ):
-        check_drafter_fits_target(drafter, target)
+        if drafter is not None:
+            check_drafter_fits_target(drafter, target)
         implementation = getattr(target.config, "_attn_implementation", "sdpa") or "sdpa"
         if implementation.startswith("flash") or implementation.startswith("flex"):
             raise ValueError(
@@ -152,7 +155,8 @@ class DFlashDecoder:
             max_length = limit
         self.target, self.drafter = target, drafter
         self.device = next(target.parameters()).device
-        self.block_size = drafter.config.block_size
+        # Without a drafter a step verifies the anchor alone: the target's next token, i.e. one AR step.
+        self.block_size = drafter.config.block_size if drafter is not None else 1
         self.max_length = max_length
         self.position_limit = limit
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
@@ -314,7 +318,9 @@ class _Workspace:
         self.capacity = decoder.max_length + B
         self.target_cache = RowStaticCache(self.capacity)
         self.draft_cache = RowStaticCache(self.capacity + B)  # the last B slots are the block scratch
-        self.capture = TargetFeatureCapture(decoder.target, decoder.drafter.config.target_layer_ids)
+        self.has_drafter = decoder.drafter is not None
+        layer_ids = decoder.drafter.config.target_layer_ids if self.has_drafter else []
+        self.capture = TargetFeatureCapture(decoder.target, layer_ids)
         long = dict(dtype=torch.long, device=device)
         # Per-row state.
         self.pad = torch.zeros(batch, **long)
@@ -434,7 +440,10 @@ class _Workspace:
         positions = slots - self.pad[:, None]
         logits, features = self.verify_forward(block, positions, slots)  # [b, B, V], [b, B, k*H]
 
-        if self.do_sample:
+        if self.do_sample and not self.has_drafter:
+            choice = _sample(_sampling_probs(logits, self.temperature, self.top_k, self.top_p))  # [b, 1]
+            accept = torch.zeros_like(self.drafts, dtype=torch.bool)  # [b, 0]: nothing drafted
+        elif self.do_sample:
             p = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # [b, B, V]
             q = self.draft_probs  # [b, B-1, V]
             p_draft = p[:, :-1].gather(-1, self.drafts[..., None])[..., 0]
@@ -470,7 +479,8 @@ class _Workspace:
         new_anchor = new.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
         self.anchor.copy_(torch.where(count > 0, new_anchor, self.anchor))
         self.done.copy_(self.done | hit_stop | (self.generated >= self.budget))
-        self.ctx_features.copy_(features)
+        if self.has_drafter:
+            self.ctx_features.copy_(features)
 
     def _verify_forward(self, block, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """The verify's target forward on `block` `[b, B]`: fp32 logits `[b, B, V]` and the captured context features
@@ -540,7 +550,7 @@ class _Workspace:
             if self.n_stops:
                 self.done.copy_(torch.isin(first, self.stops))
             self.done |= self.generated >= self.budget
-            if self.ctx_features is None:
+            if self.ctx_features is None and self.has_drafter:
                 self.ctx_features = features.new_zeros(self.batch, B, features.shape[-1])
             self.ctx_base.zero_()
             if streamer is not None:
@@ -563,7 +573,7 @@ class _Workspace:
                 bar = tqdm(total=max_new_tokens * self.batch, desc="dflash", unit="tok", initial=self.batch)
             done_host = bool(self.done.all())
             while not done_host:
-                if first_draft:
+                if first_draft and self.has_drafter:
                     # Variable-length context: eager, outside any graph.
                     saved = self.ctx_features
                     self.ctx_features = prompt_features
@@ -630,7 +640,8 @@ class _Workspace:
         """One steady-state step (B context rows): eager on CPU, captured graphs on CUDA. Returns (draft, verify) s."""
         if not self.d.cuda_graphs:
             ta = time.perf_counter()
-            self.steady_draft()
+            if self.has_drafter:
+                self.steady_draft()
             tb = time.perf_counter()
             self.steady_verify()
             return tb - ta, time.perf_counter() - tb
@@ -638,7 +649,8 @@ class _Workspace:
             self._capture_graphs()
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
-        self.graphs["draft"].replay()
+        if self.has_drafter:
+            self.graphs["draft"].replay()
         mid.record()
         self.graphs["verify"].replay()
         end.record()
@@ -649,7 +661,7 @@ class _Workspace:
         """Capture draft and verify on the live state. Warm-up runs on a snapshot that is restored afterwards, so the
         capture does not advance the generation."""
         state = [self.pad, self.length, self.ctx_base, self.generated, self.budget, self.done, self.committed,
-                 self.anchor, self.out, self.ctx_features, self.drafts]
+                 self.anchor, self.out, self.drafts] + ([self.ctx_features] if self.has_drafter else [])
         snapshot = [t.clone() for t in state]
         caches = [*self.target_cache.keys.values(), *self.target_cache.values.values(),
                   *self.draft_cache.keys.values(), *self.draft_cache.values.values()]
@@ -658,10 +670,12 @@ class _Workspace:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # the first calls compile, when compiling
-                self.steady_draft()
+                if self.has_drafter:
+                    self.steady_draft()
                 self.steady_verify()
         torch.cuda.current_stream().wait_stream(stream)
-        for name, fn in (("draft", self.steady_draft), ("verify", self.steady_verify)):
+        steps = [("draft", self.steady_draft)] if self.has_drafter else []
+        for name, fn in steps + [("verify", self.steady_verify)]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
@@ -673,7 +687,7 @@ class _Workspace:
 @torch.no_grad()
 def generate(
     target: nn.Module,
-    drafter: nn.Module,
+    drafter: nn.Module | None,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -694,7 +708,8 @@ def generate(
     """Batched DFlash generation (see `DFlashDecoder`); builds a decoder sized for this call.
 
     Greedy output of every row equals the target's own greedy output for that row alone; with `do_sample` each row
-    is a sample of the target's (temperature/top-k/top-p) distribution. For repeated calls keep a `DFlashDecoder`.
+    is a sample of the target's (temperature/top-k/top-p) distribution. `drafter=None` decodes
+    autoregressively through the same static caches and graphs. For repeated calls keep a `DFlashDecoder`.
     """
     decoder = DFlashDecoder(
         target, drafter, max_length=input_ids.shape[-1] + max(max_new_tokens, 1), cuda_graphs=cuda_graphs,
