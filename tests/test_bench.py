@@ -85,7 +85,7 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
 
     rows = {(r["method"], r["batch_size"]): r for r in payload["results"]}
     expected_ok = [("ar_eager", b) for b in BATCHES] + [("ar_static", b) for b in BATCHES]
-    expected_ok += [("dflash_loop_eager", b) for b in BATCHES]
+    expected_ok += [("dflash_loop_eager", b) for b in BATCHES] + [("ar_loop", b) for b in BATCHES]
     expected_ok += [("dflash_generate", 1), ("assisted_truncated", 1), ("prompt_lookup", 1)]
     native_ok, _ = bench.native_dflash_available()
     if native_ok:
@@ -122,6 +122,10 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
         assert loop["ms_per_step_steady"] > 0 and loop["loop_overhead_ratio"] > 0
         assert loop["bare_floor_kind"] == "eager"
     assert rows[("ar_eager", 1)]["tau"] == 1.0 and rows[("ar_eager", 1)]["ms_verify_per_step"] > 0
+    for b in BATCHES:  # the loop without a drafter: one token a step, nothing drafted
+        ar_loop = rows[("ar_loop", b)]
+        assert ar_loop["tau"] == 1.0 and ar_loop["ms_draft_per_step"] == pytest.approx(0.0, abs=0.05)
+        assert ar_loop["speedup_vs_ar_loop"] == pytest.approx(1.0)
 
     bare = {entry["batch"]: entry for entry in payload["bare"]}
     assert sorted(bare) == list(BATCHES)

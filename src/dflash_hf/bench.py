@@ -10,6 +10,8 @@ One process, one model load, the same prompts and the same number of new tokens 
 - `dflash_loop_compiled` our batched loop `DFlashDecoder(cuda_graphs=True, compile=True)` (its CUDA default),
 - `dflash_loop_graphs`  the same loop with CUDA graphs and no compile (CUDA only),
 - `dflash_loop_eager`   the same loop with neither,
+- `ar_loop`             the loop without a drafter (`DFlashDecoder(target, None)`, graphs + compile on CUDA): one token
+                        a step through the same machinery, so `dflash_loop_compiled` / `ar_loop` is the drafter's share,
 - `assisted_truncated`  classic assisted generation; the assistant is the target truncated to its first N layers
                         (a real `AutoModelForCausalLM`, sharing the target's embedding and head modules),
 - `prompt_lookup`       prompt-lookup decoding (`prompt_lookup_num_tokens`),
@@ -74,6 +76,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dflash_loop_compiled", "DFlashDecoder, CUDA graphs + torch.compile (its CUDA default)",
                    batched=True, cuda_only=True),
         MethodSpec("dflash_loop_graphs", "DFlashDecoder, CUDA graphs, no compile", batched=True, cuda_only=True),
+        MethodSpec("ar_loop", "DFlashDecoder without a drafter (AR), its defaults (CUDA: graphs + compile)",
+                   batched=True, speculative=False),
         MethodSpec("bare", "bare graphed forwards (cost floor)", batched=True, speculative=False),
         MethodSpec("dflash_loop_eager", "DFlashDecoder, eager (no graphs, no compile)", batched=True),
         MethodSpec("dflash_generate", "target.generate(assistant_model=drafter) (ours)", batched=False),
@@ -83,9 +87,13 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 METHOD_ORDER = list(METHODS)
-# DFlashDecoder settings (cuda_graphs, compile) of the three loop methods.
-LOOP_MODES = {"dflash_loop_eager": (False, False), "dflash_loop_graphs": (True, False),
-              "dflash_loop_compiled": (True, True)}
+# DFlashDecoder settings (cuda_graphs, compile, with the drafter) of the loop methods; None = the decoder's default
+# for the device (graphs and compile on CUDA, neither on CPU).
+LoopMode = tuple[bool | None, bool | None, bool]
+LOOP_MODES: dict[str, LoopMode] = {
+    "dflash_loop_eager": (False, False, True), "dflash_loop_graphs": (True, False, True),
+    "dflash_loop_compiled": (True, True, True), "ar_loop": (None, None, False),
+}
 
 EOS_POLICY = (
     "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=[]): every row generates "
@@ -567,7 +575,7 @@ def decoder_supports_compile() -> bool:
     return "compile" in inspect.signature(DFlashDecoder.__init__).parameters
 
 
-def make_decoder(target: nn.Module, drafter: nn.Module, *, max_length: int, cuda_graphs: bool,
+def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: int, cuda_graphs: bool | None,
                  compile: bool | None = None, max_batch_size: int = 1):
     """`(DFlashDecoder, extra generate kwargs)`, passing only the constructor arguments this version accepts.
     `compile=None` leaves the decoder's default."""
@@ -759,8 +767,8 @@ class Context:
         self.pad_id = pad_id
         self.opts = opts
         self.assistant: nn.Module | None = None
-        self.decoders: dict[tuple[bool, bool], tuple[Any, dict]] = {}
-        self.step_timers: dict[tuple[bool, bool], StepIntervalTimer] = {}
+        self.decoders: dict[LoopMode, tuple[Any, dict]] = {}
+        self.step_timers: dict[LoopMode, StepIntervalTimer] = {}
         self.max_width = 0
         self.stop_ids: list[int] = []  # empty: EOS ignored (the default); else --stop-at-eos
 
@@ -775,12 +783,13 @@ class Context:
         return dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
                     eos_token_id=list(self.stop_ids) or None, pad_token_id=self.pad_id, num_beams=1)
 
-    def decoder(self, mode: tuple[bool, bool]):
-        """The reusable decoder for `mode` = (cuda_graphs, compile)."""
+    def decoder(self, mode: LoopMode):
+        """The reusable decoder for `mode` = (cuda_graphs, compile, with the drafter)."""
         if mode not in self.decoders:
             self.decoders[mode] = make_decoder(
-                self.target, self.drafter, max_length=self.max_width + self.max_new_tokens, cuda_graphs=mode[0],
-                compile=mode[1] if decoder_supports_compile() else None, max_batch_size=max(self.opts.batch_sizes),
+                self.target, self.drafter if mode[2] else None, max_length=self.max_width + self.max_new_tokens,
+                cuda_graphs=mode[0], compile=mode[1] if decoder_supports_compile() else None,
+                max_batch_size=max(self.opts.batch_sizes),
             )
             self.step_timers[mode] = StepIntervalTimer()
         return self.decoders[mode]
@@ -844,7 +853,7 @@ def _static_runner(ctx: Context) -> Callable[[Item, int], RunOutput]:
     return run
 
 
-def _loop_runner(ctx: Context, mode: tuple[bool, bool]) -> Callable[[Item, int], RunOutput]:
+def _loop_runner(ctx: Context, mode: LoopMode) -> Callable[[Item, int], RunOutput]:
     def run(item: Item, max_new_tokens: int) -> RunOutput:
         decoder, gen_kwargs = ctx.decoder(mode)
         timer = ctx.step_timers[mode]
@@ -855,7 +864,8 @@ def _loop_runner(ctx: Context, mode: tuple[bool, bool]) -> Callable[[Item, int],
         flat = [a for row in out.acceptance_lengths for a in row]
         return RunOutput(tokens=ctx.trim([list(r) for r in out.new_tokens]), steps=out.steps, committed=sum(flat),
                          draft_s=out.time_draft, verify_s=out.time_verify, prefill_s=out.time_prefill,
-                         target_forwards=out.steps + 1, draft_forwards=out.steps, acceptance=flat)
+                         target_forwards=out.steps + 1, draft_forwards=out.steps if mode[2] else 0,
+                         acceptance=flat)
 
     return run
 
@@ -1318,7 +1328,7 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
     if key == "ar_static":
         # Full length on the longest prompt: on CUDA this call compiles the decode step for the final cache shape.
         return _static_runner(ctx), full
-    if key in ("dflash_loop_graphs", "dflash_loop_compiled"):
+    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop"):
         # Full length so graphs are captured (and steps compiled) in the warm-up, not in a timed run.
         return _loop_runner(ctx, LOOP_MODES[key]), full
     if key == "dflash_loop_eager":
@@ -1378,11 +1388,12 @@ def _run_bare(ctx: Context, batch: int, opts: BenchOptions) -> dict[str, Any]:
 
 
 def _derive(payload: dict[str, Any], device: torch.device) -> None:
-    """Speedups against both AR settings at the same batch size, and the loop overhead ratio against the bare floor."""
+    """Speedups against each AR setting at the same batch size, and the loop overhead ratio against the bare floor."""
     rows = [r for r in payload["results"] if r.get("status") == "ok"]
-    base = {(r["method"], r["batch_size"]): r["tokens_per_second"] for r in rows if r["method"] in ("ar_eager", "ar_static")}
+    ar_methods = ("ar_eager", "ar_static", "ar_loop")
+    base = {(r["method"], r["batch_size"]): r["tokens_per_second"] for r in rows if r["method"] in ar_methods}
     for r in rows:
-        for ar in ("ar_eager", "ar_static"):
+        for ar in ar_methods:
             ref = base.get((ar, r["batch_size"]))
             r[f"speedup_vs_{ar}"] = (r["tokens_per_second"] / ref) if ref else None
     bare = {b["batch"]: b for b in payload.get("bare", [])}
@@ -1544,8 +1555,13 @@ def render_markdown(payload: dict[str, Any]) -> str:
         for r in extra:
             lines.append(f"- `dflash_loop_compiled` b={r['batch_size']} against the uncompiled graphed floor: "
                          f"{r['loop_over_graphed_floor']:.2f}.")
+    shares = [r for r in payload["results"] if r.get("status") == "ok" and r["method"] == "dflash_loop_compiled"
+              and r.get("speedup_vs_ar_loop")]
+    if shares:
+        lines += ["", "The drafter's own share (the same compiled, graphed loop with and without it): " + "; ".join(
+            f"batch {r['batch_size']} {r['speedup_vs_ar_loop']:.2f}x" for r in shares) + "."]
     spec_rows = [r for r in payload["results"] if r.get("status") == "ok" and r.get("per_category")
-                 and r["method"] not in ("ar_eager", "ar_static")]
+                 and r["method"] not in ("ar_eager", "ar_static", "ar_loop")]
     if spec_rows:
         cats = sorted({c for r in spec_rows for c in r["per_category"]})
         lines += ["", "## Per category (batch 1)", "",
