@@ -39,7 +39,7 @@ def target_dir(tmp_path_factory):
 def data_file(target_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "data.jsonl"
     result = run_cli("make-data", "--target", str(target_dir), "--output", str(out), "--categories", "math",
-                     "--n-per-category", "8", "--max-new-tokens", "24", "--batch-size", "3", "--static-cache", "yes",
+                     "--n-per-category", "8", "--max-new-tokens", "24", "--batch-size", "3", "--engine", "hf-static",
                      "--no-progress")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -31,6 +31,7 @@ from dflash_hf.training import (
     target_features,
     train_drafter,
 )
+from dflash_hf.training.data import ENGINES
 from dflash_hf.training.recipe import WarmupCosine, budgeted_total_steps
 
 CHATML = (
@@ -374,16 +375,16 @@ def test_saved_checkpoint_keeps_the_released_layout(tmp_path):
             assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
-def test_make_data_writes_the_targets_own_answers(static_cache, tmp_path):
-    """Both generation paths; the static one fills the last batch (1 prompt of 3 rows) with copies and pads every
+@pytest.mark.parametrize("engine", ENGINES)
+def test_make_data_writes_the_targets_own_answers(engine, tmp_path):
+    """Every generation engine; the static ones fill the last batch (1 prompt of 3 rows) with copies and pad every
     batch to the longest prompt of the set, and must still give each prompt its own answer."""
     tokenizer = tiny_chat_tokenizer()
     target = tiny_target("qwen3", layers=3, vocab=len(tokenizer), eos=2)
     prompts = [{"category": "math", "prompt": "What is 2+2?"}, {"category": "chat", "prompt": "Hello"},
                {"category": "code", "prompt": "def f(x): return x"}, "a plain string prompt"]
     summary = make_data(target, tokenizer, prompts, max_new_tokens=10, batch_size=3, out_path=tmp_path / "d.jsonl",
-                        progress=False, static_cache=static_cache)
+                        progress=False, engine=engine)
     records = load_jsonl(tmp_path / "d.jsonl")
     assert summary["records"] == len(records) == 4
     assert [r["category"] for r in records] == ["math", "chat", "code", "unknown"]

@@ -18,6 +18,7 @@ import sys
 import time
 
 from dflash_hf.cli_args import positive_int
+from dflash_hf.training.data import ENGINES
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +59,11 @@ def register(subparsers) -> None:
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=320, help="answer length cap (default 320)")
     gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts per generate call (default 32)")
-    gen.add_argument("--static-cache", default="auto", choices=("auto", "yes", "no"),
-                     help="generate with a static cache, whose decode step transformers compiles (auto = on CUDA); "
-                          "every batch then has --batch-size rows and one width, so it compiles once")
+    gen.add_argument("--engine", default="auto", choices=ENGINES,
+                     help="hf-static: target.generate with a static cache (transformers compiles its decode step; "
+                          "every batch then has --batch-size rows and one width, so it compiles once); hf-dynamic: "
+                          "plain target.generate; loop: this project's batched loop without a drafter (faster at "
+                          "small batches, not at 512); auto (default): hf-static on CUDA, hf-dynamic elsewhere")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="feed raw prompts (base models without a chat template)")
     gen.add_argument("--system-prompt", default=None, help="system message added before each prompt")
@@ -130,7 +133,7 @@ def run(args) -> int:
     summary = make_data(target, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.output,
                         use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
                         progress=not args.no_progress,
-                        static_cache={"auto": None, "yes": True, "no": False}[args.static_cache])
+                        engine=args.engine)
     summary["load_seconds"] = load_seconds
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,6 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+# Generators of `generate_responses` (see there).
+ENGINES = ("auto", "hf-static", "hf-dynamic", "loop")
+
 
 def stop_token_ids(target: nn.Module, tokenizer=None) -> list[int]:
     """The ids that end a response: the target's generation-config EOS ids plus the tokenizer's EOS."""
@@ -77,7 +80,7 @@ def generate_responses(
     stop_token_ids: Sequence[int] = (),
     progress: bool = True,
     desc: str = "generating",
-    static_cache: bool | None = None,
+    engine: str = "auto",
 ) -> list[list[int]]:
     """Greedy responses of `target` to each prompt (ids), in input order, each cut after its first stop token.
 
@@ -85,11 +88,21 @@ def generate_responses(
     batches of `batch_size` with left padding; the result for row i is the target's greedy continuation of prompt i.
     Returns a list of `len(prompt_ids)` id lists (the stop token included when one was produced).
 
-    `static_cache` (default: on for CUDA) runs `generate(cache_implementation="static")`, whose decode step
-    transformers compiles and captures as a CUDA graph: 11,461 against 4,199 tokens/s with the eager dynamic cache
-    for SmolLM2 on an H200 (benchmarks/results/train_smollm2_h200.md). Every batch then has the same shape
-    (`min(batch_size, len(prompt_ids))` rows, the last batch filled up with copies of its last prompt, and the width
-    of the longest prompt of the whole set), so the step compiles once.
+    `engine` picks the generator (all greedy, all the target's own answers):
+
+    - ``"hf-static"``: `target.generate(cache_implementation="static")`, whose decode step transformers compiles
+      and captures as a CUDA graph: 11,461 against 4,199 tokens/s with the eager dynamic cache for SmolLM2 at batch
+      512 on an H200 (benchmarks/results/train_smollm2_h200.md).
+    - ``"hf-dynamic"``: plain `target.generate` (eager, dynamic cache).
+    - ``"loop"``: this project's batched loop without a drafter (`DFlashDecoder(target, None)`): static per-row
+      caches, on CUDA a compiled step replayed as a CUDA graph. Faster than HF's static cache at small batches
+      (benchmarks/results/smollm2_h200_d.md: 1.54x at batch 1, 1.25x at batch 8) but not at batch 512, where both
+      are bound by reading the whole static K/V cache every step (11,900 tokens/s on a longer-prompt set).
+    - ``"auto"`` (default): ``"hf-static"`` on CUDA, ``"hf-dynamic"`` elsewhere.
+
+    With the two static engines every batch has the same shape (`min(batch_size, len(prompt_ids))` rows, the last
+    batch filled up with copies of its last prompt; the cache sized for the longest prompt of the whole set), so
+    compilation happens once.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
@@ -98,7 +111,11 @@ def generate_responses(
     empty = [i for i, ids in enumerate(prompt_ids) if len(ids) == 0]
     if empty:
         raise ValueError(f"prompt {empty[0]} is empty; every prompt needs at least one token.")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINES)}.")
     device = next(target.parameters()).device
+    if engine == "auto":
+        engine = "hf-static" if device.type == "cuda" else "hf-dynamic"
     stops = set(int(s) for s in stop_token_ids)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -107,10 +124,14 @@ def generate_responses(
         eos_token_id=list(stops) if stops else None,
     )
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    static_cache = device.type == "cuda" if static_cache is None else bool(static_cache)
-    fixed_width = None
-    if static_cache:
-        fixed_width = -(-len(prompt_ids[order[0]]) // 8) * 8
+    static_shapes = engine != "hf-dynamic"
+    fixed_width = -(-len(prompt_ids[order[0]]) // 8) * 8 if static_shapes else None
+    decoder = None
+    if engine == "loop":
+        from dflash_hf.modeling.decoding_dflash import DFlashDecoder
+
+        decoder = DFlashDecoder(target, None, max_length=fixed_width + max_new_tokens)
+    elif engine == "hf-static":
         config.cache_implementation = "static"
         if hasattr(config, "max_cache_len"):  # 5.x; 4.57 sizes the cache from max_length, which is fixed too
             config.max_cache_len = fixed_width + max_new_tokens
@@ -123,7 +144,7 @@ def generate_responses(
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
             width = fixed_width or max(len(prompt_ids[i]) for i in rows)
-            height = min(batch_size, len(order)) if static_cache else len(rows)
+            height = min(batch_size, len(order)) if static_shapes else len(rows)
             input_ids = torch.full((height, width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((height, width), dtype=torch.long)
             # Filler rows (static shapes only) repeat the last prompt; their outputs are dropped.
@@ -131,10 +152,13 @@ def generate_responses(
                 ids = torch.as_tensor(list(prompt_ids[i]), dtype=torch.long)
                 input_ids[r, width - len(ids) :] = ids
                 attention_mask[r, width - len(ids) :] = 1
-            out = target.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
-            new = out[:, width:].tolist()
+            if decoder is not None:
+                new = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                       stop_token_ids=sorted(stops), pad_token_id=pad_token_id).new_tokens
+            else:
+                out = target.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      generation_config=config)
+                new = out[:, width:].tolist()
             for r, i in enumerate(rows):
                 ids = new[r]
                 cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
@@ -159,11 +183,11 @@ def make_data(
     use_chat_template: bool = True,
     system_prompt: str | None = None,
     progress: bool = True,
-    static_cache: bool | None = None,
+    engine: str = "auto",
 ) -> dict:
     """Have `target` answer every prompt (greedy, batched) and write the training JSONL to `out_path`.
 
-    `static_cache`: see `generate_responses` (default: on for CUDA).
+    `engine`: see `generate_responses` (default: HF's static cache on CUDA, its dynamic cache elsewhere).
 
     `prompts` are dicts with `prompt` (and `category`, default "unknown") as made by `dflash_hf.prompts`, or plain
     strings. Returns a summary `{records, prompt_tokens, response_tokens, truncated, seconds, tokens_per_second,
@@ -184,7 +208,7 @@ def make_data(
     responses = generate_responses(
         target, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
         pad_token_id=pad_token_id(target, tokenizer), stop_token_ids=stops, progress=progress,
-        static_cache=static_cache,
+        engine=engine,
     )
     seconds = time.perf_counter() - started
     out_path = Path(out_path)
