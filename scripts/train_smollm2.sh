@@ -10,6 +10,10 @@
 #    greedily, through its chat template, up to 256 new tokens, 512 prompts a batch, bf16, with a static cache whose
 #    decode step transformers compiles. (More distinct answers rather than longer ones: the first run, 15,400 answers
 #    of up to 320 tokens, reached teacher-forced tau 2.9 on its training batches but 1.94 on held-out prompts.)
+#    MANPAGES_TXT=FILE adds the prose of the Linux man pages to the chat passages (fetched with apt-get download and
+#    rendered by scripts/extract_manpages.py into FILE when it does not exist; held-out prompts never use them): a
+#    third run did so with 33,000 prompts and reached chat tau 1.80 but code 2.67, and did not ship
+#    (benchmarks/results/train_smollm2_h200.md).
 # 2. train: a 5-layer drafter (the released architecture: B=16, context from target layers [1, 8, 14, 20, 27],
 #    19.36M parameters = 38.7 MB in bf16), 64 sequences x 96 random anchors a step, lr 2e-3, AdamW + warmup +
 #    cosine, bf16 autocast, for a time budget of 7.5 minutes of optimisation (the run re-plans its step count at
@@ -30,6 +34,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # Sizes (environment overrides are for experiments; the defaults are the shipped run).
 N_PER_CATEGORY="${N_PER_CATEGORY:-code=8000,math=9000,chat=3400}"
+MANPAGES_TXT="${MANPAGES_TXT:-}"   # empty: no man pages
+ENGINE="${ENGINE:-auto}"           # make-data --engine
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-256}"
 GEN_BATCH="${GEN_BATCH:-512}"
 LAYERS="${LAYERS:-5}"
@@ -48,6 +54,19 @@ if [[ "${SMOKE:-0}" == "1" ]]; then
   N_PER_CATEGORY=4 MAX_NEW_TOKENS=32 GEN_BATCH=12 LAYERS=1 EPOCHS=1 BATCH=4 ANCHORS=8
   EVAL_PER_CATEGORY=1 EVAL_TOKENS=16 EVAL_EVERY=0
   EXTRA_TRAIN_ARGS=(--max-steps 3)
+  MANPAGES_TXT=""
+fi
+TEXT_ARGS=()
+if [[ -n "$MANPAGES_TXT" ]]; then
+  if [[ ! -s "$MANPAGES_TXT" && " $STAGES " == *" data "* ]]; then
+    echo "[train_smollm2] fetching and rendering the man pages -> $MANPAGES_TXT" >&2
+    mkdir -p "$(dirname "$MANPAGES_TXT")"
+    pages="$(mktemp -d)"
+    (cd "$pages" && apt-get download manpages manpages-dev >&2 && for deb in *.deb; do dpkg -x "$deb" root; done)
+    "$PYTHON" "$(dirname "$0")/extract_manpages.py" "$pages/root/usr/share/man" --output "$MANPAGES_TXT"
+    rm -rf "$pages"
+  fi
+  TEXT_ARGS=(--text-file "$MANPAGES_TXT")
 fi
 
 mkdir -p "$OUT"
@@ -56,7 +75,7 @@ if [[ " $STAGES " == *" data "* ]]; then
   echo "[train_smollm2] make-data: $N_PER_CATEGORY prompts -> $OUT/data.jsonl" >&2
   "$PYTHON" -m dflash_hf make-data --target smollm2 --output "$OUT/data.jsonl" \
     --n-per-category "$N_PER_CATEGORY" --seed 0 --humaneval no \
-    --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" > "$OUT/make_data_summary.json"
+    --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" --engine "$ENGINE" "${TEXT_ARGS[@]}" > "$OUT/make_data_summary.json"
   echo "make-data seconds: $(( $(date +%s) - start ))" | tee "$OUT/timings.txt" >&2
 fi
 if [[ " $STAGES " != *" train "* ]]; then
