@@ -75,7 +75,8 @@ if [[ " $STAGES " == *" data "* ]]; then
   echo "[train_smollm2] make-data: $N_PER_CATEGORY prompts -> $OUT/data.jsonl" >&2
   "$PYTHON" -m dflash_hf make-data --target smollm2 --output "$OUT/data.jsonl" \
     --n-per-category "$N_PER_CATEGORY" --seed 0 --humaneval no \
-    --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" --engine "$ENGINE" "${TEXT_ARGS[@]}" > "$OUT/make_data_summary.json"
+    --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" --engine "$ENGINE" "${TEXT_ARGS[@]}" \
+    > "$OUT/make_data_summary.json"
   echo "make-data seconds: $(( $(date +%s) - start ))" | tee "$OUT/timings.txt" >&2
 fi
 if [[ " $STAGES " != *" train "* ]]; then
