@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import string
 from pathlib import Path
 
 import torch
@@ -348,3 +349,28 @@ def target_for_spec(spec: dict, *, hidden: int = 32, heads: int = 4, seed: int =
     model.generation_config.bos_token_id = spec["special"]["bos_token_id"]
     model.generation_config.pad_token_id = spec["special"]["pad_token_id"]
     return model
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """A real character-level fast tokenizer with a ChatML template, built offline (102 tokens: 5 specials, then
+    printable characters). `<|spare|>` (id 4) is a special token that no template or stop rule uses."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|spare|>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|spare|>"],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer

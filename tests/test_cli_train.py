@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_target
-from test_training import tiny_chat_tokenizer
+from helpers import tiny_chat_tokenizer, tiny_target
 
 from dflash_hf import DFlashDraftModel
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pytest
 import torch
-from helpers import MASK_ID, VOCAB, greedy, random_prompt, tiny_drafter, tiny_target
+from helpers import MASK_ID, VOCAB, greedy, random_prompt, tiny_chat_tokenizer, tiny_drafter, tiny_target
 from safetensors import safe_open
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
@@ -33,31 +32,6 @@ from dflash_hf.training import (
 )
 from dflash_hf.training.data import ENGINES
 from dflash_hf.training.recipe import WarmupCosine, budgeted_total_steps
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def tiny_chat_tokenizer():
-    """A real character-level fast tokenizer with a ChatML template, built offline (102 tokens: 5 specials, then
-    printable characters). `<|spare|>` (id 4) is a special token that no template or stop rule uses."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|spare|>"]
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=["<|spare|>"],
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
