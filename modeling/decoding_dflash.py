@@ -440,12 +440,10 @@ class _Workspace:
         positions = slots - self.pad[:, None]
         logits, features = self.verify_forward(block, positions, slots)  # [b, B, V], [b, B, k*H]
 
-        if self.do_sample and not self.has_drafter:
-            choice = _sample(_sampling_probs(logits, self.temperature, self.top_k, self.top_p))  # [b, 1]
-            accept = torch.zeros_like(self.drafts, dtype=torch.bool)  # [b, 0]: nothing drafted
-        elif self.do_sample:
+        if self.do_sample:
             p = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # [b, B, V]
-            q = self.draft_probs  # [b, B-1, V]
+            # Without a drafter nothing was drafted (B = 1): q is empty, so the residual below is p at the bonus.
+            q = self.draft_probs if self.has_drafter else p[:, :0]  # [b, B-1, V]
             p_draft = p[:, :-1].gather(-1, self.drafts[..., None])[..., 0]
             q_draft = q.gather(-1, self.drafts[..., None])[..., 0]
             accept = torch.rand_like(p_draft) * q_draft < p_draft
