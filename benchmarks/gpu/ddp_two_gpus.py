@@ -44,7 +44,7 @@ def build_target(folder: Path, layers: int, hidden: int) -> None:
 
 
 def run(command: list[str], log: Path) -> float:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
