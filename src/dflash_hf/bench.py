@@ -12,6 +12,8 @@ One process, one model load, the same prompts and the same number of new tokens 
 - `dflash_loop_eager`   the same loop with neither,
 - `ar_loop`             the loop without a drafter (`DFlashDecoder(target, None)`, graphs + compile on CUDA): one token
                         a step through the same machinery, so `dflash_loop_compiled` / `ar_loop` is the drafter's share,
+- `dflash_loop_frozen`, `ar_loop_frozen`  the compiled loop with and without the drafter, `freeze_weights=True`
+                        (inductor freezing: q/k/v and gate/up fuse into one matrix multiply each; CUDA only),
 - `assisted_truncated`  classic assisted generation; the assistant is the target truncated to its first N layers
                         (a real `AutoModelForCausalLM`, sharing the target's embedding and head modules),
 - `prompt_lookup`       prompt-lookup decoding (`prompt_lookup_num_tokens`),
@@ -45,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -78,6 +80,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dflash_loop_graphs", "DFlashDecoder, CUDA graphs, no compile", batched=True, cuda_only=True),
         MethodSpec("ar_loop", "DFlashDecoder without a drafter (AR), its defaults (CUDA: graphs + compile)",
                    batched=True, speculative=False),
+        MethodSpec("dflash_loop_frozen", "DFlashDecoder, CUDA graphs + torch.compile + freeze_weights",
+                   batched=True, cuda_only=True),
+        MethodSpec("ar_loop_frozen", "DFlashDecoder without a drafter, CUDA graphs + torch.compile + freeze_weights",
+                   batched=True, cuda_only=True, speculative=False),
         MethodSpec("bare", "bare graphed forwards (cost floor)", batched=True, speculative=False),
         MethodSpec("dflash_loop_eager", "DFlashDecoder, eager (no graphs, no compile)", batched=True),
         MethodSpec("dflash_generate", "target.generate(assistant_model=drafter) (ours)", batched=False),
@@ -87,13 +93,23 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 METHOD_ORDER = list(METHODS)
-# DFlashDecoder settings (cuda_graphs, compile, with the drafter) of the loop methods; None = the decoder's default
-# for the device (graphs and compile on CUDA, neither on CPU).
-LoopMode = tuple[bool | None, bool | None, bool]
+class LoopMode(NamedTuple):
+    """DFlashDecoder settings of a loop method; None = the decoder's default for the device (graphs and compile on
+    CUDA, neither on CPU)."""
+
+    cuda_graphs: bool | None
+    compile: bool | None
+    with_drafter: bool
+    freeze_weights: bool = False
+
+
 LOOP_MODES: dict[str, LoopMode] = {
-    "dflash_loop_eager": (False, False, True), "dflash_loop_graphs": (True, False, True),
-    "dflash_loop_compiled": (True, True, True), "ar_loop": (None, None, False),
+    "dflash_loop_eager": LoopMode(False, False, True), "dflash_loop_graphs": LoopMode(True, False, True),
+    "dflash_loop_compiled": LoopMode(True, True, True), "ar_loop": LoopMode(None, None, False),
+    "dflash_loop_frozen": LoopMode(True, True, True, True), "ar_loop_frozen": LoopMode(True, True, False, True),
 }
+# The methods without a drafter: every other method's tokens/s is also given as a ratio to each of them.
+AR_METHODS = ("ar_eager", "ar_static", "ar_loop", "ar_loop_frozen")
 
 EOS_POLICY = (
     "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=[]): every row generates "
@@ -576,7 +592,7 @@ def decoder_supports_compile() -> bool:
 
 
 def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: int, cuda_graphs: bool | None,
-                 compile: bool | None = None, max_batch_size: int = 1):
+                 compile: bool | None = None, max_batch_size: int = 1, freeze_weights: bool = False):
     """`(DFlashDecoder, extra generate kwargs)`, passing only the constructor arguments this version accepts.
     `compile=None` leaves the decoder's default."""
     from dflash_hf import DFlashDecoder
@@ -596,6 +612,8 @@ def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: in
         kwargs["compile"] = compile
     elif compile and "compile" not in params:
         raise ValueError("This DFlashDecoder has no compile option.")
+    if freeze_weights:
+        kwargs["freeze_weights"] = True
     return DFlashDecoder(target, drafter, **kwargs), generate_kwargs
 
 
@@ -784,12 +802,13 @@ class Context:
                     eos_token_id=list(self.stop_ids) or None, pad_token_id=self.pad_id, num_beams=1)
 
     def decoder(self, mode: LoopMode):
-        """The reusable decoder for `mode` = (cuda_graphs, compile, with the drafter)."""
+        """The reusable decoder for `mode`."""
         if mode not in self.decoders:
             self.decoders[mode] = make_decoder(
-                self.target, self.drafter if mode[2] else None, max_length=self.max_width + self.max_new_tokens,
-                cuda_graphs=mode[0], compile=mode[1] if decoder_supports_compile() else None,
-                max_batch_size=max(self.opts.batch_sizes),
+                self.target, self.drafter if mode.with_drafter else None,
+                max_length=self.max_width + self.max_new_tokens, cuda_graphs=mode.cuda_graphs,
+                compile=mode.compile if decoder_supports_compile() else None,
+                max_batch_size=max(self.opts.batch_sizes), freeze_weights=mode.freeze_weights,
             )
             self.step_timers[mode] = StepIntervalTimer()
         return self.decoders[mode]
@@ -864,7 +883,7 @@ def _loop_runner(ctx: Context, mode: LoopMode) -> Callable[[Item, int], RunOutpu
         flat = [a for row in out.acceptance_lengths for a in row]
         return RunOutput(tokens=ctx.trim([list(r) for r in out.new_tokens]), steps=out.steps, committed=sum(flat),
                          draft_s=out.time_draft, verify_s=out.time_verify, prefill_s=out.time_prefill,
-                         target_forwards=out.steps + 1, draft_forwards=out.steps if mode[2] else 0,
+                         target_forwards=out.steps + 1, draft_forwards=out.steps if mode.with_drafter else 0,
                          acceptance=flat)
 
     return run
@@ -1312,7 +1331,7 @@ def _skip_reason(spec: MethodSpec, batch: int, device: torch.device, opts: Bench
         ok, why = native_dflash_available()
         if not ok:
             return why
-    if spec.key == "dflash_loop_compiled" and not decoder_supports_compile():
+    if spec.key in ("dflash_loop_compiled", "dflash_loop_frozen", "ar_loop_frozen") and not decoder_supports_compile():
         return "this DFlashDecoder has no compile option"
     return None
 
@@ -1328,7 +1347,7 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
     if key == "ar_static":
         # Full length on the longest prompt: on CUDA this call compiles the decode step for the final cache shape.
         return _static_runner(ctx), full
-    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop"):
+    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop", "dflash_loop_frozen", "ar_loop_frozen"):
         # Full length so graphs are captured (and steps compiled) in the warm-up, not in a timed run.
         return _loop_runner(ctx, LOOP_MODES[key]), full
     if key == "dflash_loop_eager":
@@ -1390,10 +1409,9 @@ def _run_bare(ctx: Context, batch: int, opts: BenchOptions) -> dict[str, Any]:
 def _derive(payload: dict[str, Any], device: torch.device) -> None:
     """Speedups against each AR setting at the same batch size, and the loop overhead ratio against the bare floor."""
     rows = [r for r in payload["results"] if r.get("status") == "ok"]
-    ar_methods = ("ar_eager", "ar_static", "ar_loop")
-    base = {(r["method"], r["batch_size"]): r["tokens_per_second"] for r in rows if r["method"] in ar_methods}
+    base = {(r["method"], r["batch_size"]): r["tokens_per_second"] for r in rows if r["method"] in AR_METHODS}
     for r in rows:
-        for ar in ar_methods:
+        for ar in AR_METHODS:
             ref = base.get((ar, r["batch_size"]))
             r[f"speedup_vs_{ar}"] = (r["tokens_per_second"] / ref) if ref else None
     bare = {b["batch"]: b for b in payload.get("bare", [])}
@@ -1555,13 +1573,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
         for r in extra:
             lines.append(f"- `dflash_loop_compiled` b={r['batch_size']} against the uncompiled graphed floor: "
                          f"{r['loop_over_graphed_floor']:.2f}.")
-    shares = [r for r in payload["results"] if r.get("status") == "ok" and r["method"] == "dflash_loop_compiled"
-              and r.get("speedup_vs_ar_loop")]
-    if shares:
-        lines += ["", "The drafter's own share (the same compiled, graphed loop with and without it): " + "; ".join(
-            f"batch {r['batch_size']} {r['speedup_vs_ar_loop']:.2f}x" for r in shares) + "."]
+    for loop, ar, what in (("dflash_loop_compiled", "ar_loop", "compiled, graphed loop"),
+                           ("dflash_loop_frozen", "ar_loop_frozen", "loop with frozen weights")):
+        shares = [r for r in payload["results"] if r.get("status") == "ok" and r["method"] == loop
+                  and r.get(f"speedup_vs_{ar}")]
+        if shares:
+            lines += ["", f"The drafter's own share (the same {what} with and without it): " + "; ".join(
+                f"batch {r['batch_size']} {r[f'speedup_vs_{ar}']:.2f}x" for r in shares) + "."]
     spec_rows = [r for r in payload["results"] if r.get("status") == "ok" and r.get("per_category")
-                 and r["method"] not in ("ar_eager", "ar_static", "ar_loop")]
+                 and r["method"] not in AR_METHODS]
     if spec_rows:
         cats = sorted({c for r in spec_rows for c in r["per_category"]})
         lines += ["", "## Per category (batch 1)", "",
