@@ -131,11 +131,6 @@ class DFlashDecoder:
         compile: run the steady-state draft step and the verify's target forward through `torch.compile` (inductor
             fuses HF's many small kernels; default: when on CUDA); the acceptance stays eager. Compilation happens on
             first use per batch size.
-        freeze_weights: compile with inductor's freezing (needs `compile`): the weights become constants of the
-            compiled steps, so the projections that read the same input (q/k/v, gate/up) run as one matrix multiply
-            each: fewer kernels a layer, which is what a small model's step costs at small batches. Costs a second
-            copy of the fused weights in GPU memory, and the compiled steps keep the weights they were compiled
-            with: make a new decoder after changing weights. Default False.
     """
 
     def __init__(
@@ -145,7 +140,6 @@ class DFlashDecoder:
         max_length: int = 2048,
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
-        freeze_weights: bool = False,
     ):
         if drafter is not None:
             check_drafter_fits_target(drafter, target)
@@ -167,12 +161,6 @@ class DFlashDecoder:
         self.position_limit = limit
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.compile = (self.device.type == "cuda") if compile is None else compile
-        if freeze_weights and not self.compile:
-            raise ValueError(
-                "freeze_weights=True freezes weights into the compiled steps, but compile is off (compile=False, or "
-                "the default on a CPU); pass compile=True as well, or leave freeze_weights off."
-            )
-        self.freeze_weights = bool(freeze_weights)
         layer_types = getattr(text, "layer_types", None) or []
         self.target_windows = {
             kind: (getattr(text, "sliding_window", None) if kind == "sliding_attention" else None)
@@ -293,25 +281,17 @@ class _CompiledOrEager:
     same static buffers either way, so running `fn` after a failed compile is safe.
     """
 
-    def __init__(self, fn: Callable, name: str, freeze_weights: bool = False):
+    def __init__(self, fn: Callable, name: str):
         from torch._dynamo.exc import TorchDynamoException  # inductor's and Triton's errors derive from it
 
         self.eager, self.name = fn, name
         self.compiled = torch.compile(fn, dynamic=False)
-        # Inductor reads `freezing` from its global config when it compiles (the first call, or a recompile), and
-        # ignores it in torch.compile(options=...): the calls set it for their duration.
-        self.freeze_weights = freeze_weights
         self.compile_errors = (TorchDynamoException,)
         self.failure: Exception | None = None
 
     def __call__(self, *args, **kwargs):
         if self.failure is None:
             try:
-                if self.freeze_weights:
-                    from torch._inductor import config as inductor_config
-
-                    with inductor_config.patch(freezing=True):
-                        return self.compiled(*args, **kwargs)
                 return self.compiled(*args, **kwargs)
             except self.compile_errors as error:
                 self.failure = error
@@ -367,8 +347,8 @@ class _Workspace:
             # acceptance and commit stay eager (inside the same CUDA graph, so they still cost no launches): fused
             # with the verify's vocabulary argmax, the stop-token check made Triton fail to compile at batch 1
             # ("PassManager::run failed", torch 2.11 on the H200).
-            self.steady_draft = _CompiledOrEager(steady_draft, "draft step", decoder.freeze_weights)
-            self.verify_forward = _CompiledOrEager(self._verify_forward, "verify forward", decoder.freeze_weights)
+            self.steady_draft = _CompiledOrEager(steady_draft, "draft step")
+            self.verify_forward = _CompiledOrEager(self._verify_forward, "verify forward")
         else:
             self.steady_draft, self.verify_forward = steady_draft, self._verify_forward
 
@@ -719,7 +699,6 @@ def generate(
     streamer=None,
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
-    freeze_weights: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_step: Callable[[list[list[int]]], None] | None = None,
@@ -732,7 +711,7 @@ def generate(
     """
     decoder = DFlashDecoder(
         target, drafter, max_length=input_ids.shape[-1] + max(max_new_tokens, 1), cuda_graphs=cuda_graphs,
-        compile=compile, freeze_weights=freeze_weights,
+        compile=compile,
     )
     return decoder.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,

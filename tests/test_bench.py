@@ -93,7 +93,7 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
     else:
         assert rows[("hf_dflash", 1)]["status"] == "skipped"
     for b in BATCHES:  # no CUDA here: said, not silently dropped
-        for method in ("dflash_loop_graphs", "dflash_loop_compiled", "dflash_loop_frozen", "ar_loop_frozen"):
+        for method in ("dflash_loop_graphs", "dflash_loop_compiled"):
             assert rows[(method, b)]["status"] == "skipped"
             assert "cuda" in rows[(method, b)]["reason"].lower()
 

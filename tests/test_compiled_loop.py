@@ -3,7 +3,6 @@ greedy output, with and without stop tokens. Inductor needs a C++ compiler on CP
 
 from __future__ import annotations
 
-import re
 import shutil
 import warnings
 
@@ -70,42 +69,3 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     assert again.new_tokens == [want]
     assert set(decoder.compile_failures) == {"draft step (batch 1): BackendCompilerFailed",
                                              "verify forward (batch 1): BackendCompilerFailed"}
-
-
-def linear_calls(code: str) -> int:
-    """Matrix multiplies in inductor's generated code (CUDA / CPU, frozen weights or not)."""
-    return len(re.findall(r"extern_kernels\.(?:mm|addmm)\(|torch\.ops\.mkl\._mkl_linear\.default\(|"
-                          r"torch\.ops\.mkldnn\._linear_pointwise\.default\(", code))
-
-
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_frozen_weights_fuse_the_projections_and_keep_greedy_output():
-    """freeze_weights=True: q/k/v and gate/up of every layer become one matrix multiply each (inductor's freezing
-    passes; on CUDA they always apply, on CPU only with `cpp.enable_concat_linear`, set here), and the tokens stay the
-    target's greedy tokens."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
-    target, drafter, prompt, want = pair_and_greedy()
-    counts = {}
-    for freeze in (False, True):
-        torch._dynamo.reset()
-        decoder = DFlashDecoder(target, drafter, max_length=64, cuda_graphs=False, compile=True, freeze_weights=freeze)
-        with inductor_config.patch({"cpp.enable_concat_linear": True}):
-            out, codes = run_and_get_code(
-                lambda: decoder.generate(prompt, torch.ones_like(prompt), max_new_tokens=NEW, stop_token_ids=[]))
-        assert out.new_tokens == [want]
-        assert decoder.compile_failures == []
-        counts[freeze] = sorted(linear_calls(code) for code in codes)  # [draft step, verify forward]
-    # Unfrozen: 7 projections a layer, + the LM head in both steps, + the drafter's fc.
-    target_layers, drafter_layers = 4, 2
-    assert counts[False] == sorted([1 + 7 * drafter_layers + 1, 7 * target_layers + 1]), counts
-    # Frozen: q/k/v -> 1 and gate/up -> 1 in the target (-3 a layer); the drafter's k/v read [context ; block] and
-    # fuse, its q reads the block alone (-2 a layer).
-    assert counts[True] == sorted([counts[False][0] - 2 * drafter_layers, counts[False][1] - 3 * target_layers]), counts
-
-
-def test_frozen_weights_need_compile():
-    target, drafter, _, _ = pair_and_greedy()
-    with pytest.raises(ValueError, match="freeze_weights=True .* compile is off .*compile=True"):
-        DFlashDecoder(target, drafter, max_length=64, cuda_graphs=False, compile=False, freeze_weights=True)

@@ -12,8 +12,6 @@ One process, one model load, the same prompts and the same number of new tokens 
 - `dflash_loop_eager`   the same loop with neither,
 - `ar_loop`             the loop without a drafter (`DFlashDecoder(target, None)`, graphs + compile on CUDA): one token
                         a step through the same machinery, so `dflash_loop_compiled` / `ar_loop` is the drafter's share,
-- `dflash_loop_frozen`, `ar_loop_frozen`  the compiled loop with and without the drafter, `freeze_weights=True`
-                        (inductor freezing: q/k/v and gate/up fuse into one matrix multiply each; CUDA only),
 - `assisted_truncated`  classic assisted generation; the assistant is the target truncated to its first N layers
                         (a real `AutoModelForCausalLM`, sharing the target's embedding and head modules),
 - `prompt_lookup`       prompt-lookup decoding (`prompt_lookup_num_tokens`),
@@ -80,10 +78,6 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dflash_loop_graphs", "DFlashDecoder, CUDA graphs, no compile", batched=True, cuda_only=True),
         MethodSpec("ar_loop", "DFlashDecoder without a drafter (AR), its defaults (CUDA: graphs + compile)",
                    batched=True, speculative=False),
-        MethodSpec("dflash_loop_frozen", "DFlashDecoder, CUDA graphs + torch.compile + freeze_weights",
-                   batched=True, cuda_only=True),
-        MethodSpec("ar_loop_frozen", "DFlashDecoder without a drafter, CUDA graphs + torch.compile + freeze_weights",
-                   batched=True, cuda_only=True, speculative=False),
         MethodSpec("bare", "bare graphed forwards (cost floor)", batched=True, speculative=False),
         MethodSpec("dflash_loop_eager", "DFlashDecoder, eager (no graphs, no compile)", batched=True),
         MethodSpec("dflash_generate", "target.generate(assistant_model=drafter) (ours)", batched=False),
@@ -93,6 +87,8 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 METHOD_ORDER = list(METHODS)
+
+
 class LoopMode(NamedTuple):
     """DFlashDecoder settings of a loop method; None = the decoder's default for the device (graphs and compile on
     CUDA, neither on CPU)."""
@@ -100,16 +96,14 @@ class LoopMode(NamedTuple):
     cuda_graphs: bool | None
     compile: bool | None
     with_drafter: bool
-    freeze_weights: bool = False
 
 
 LOOP_MODES: dict[str, LoopMode] = {
     "dflash_loop_eager": LoopMode(False, False, True), "dflash_loop_graphs": LoopMode(True, False, True),
     "dflash_loop_compiled": LoopMode(True, True, True), "ar_loop": LoopMode(None, None, False),
-    "dflash_loop_frozen": LoopMode(True, True, True, True), "ar_loop_frozen": LoopMode(True, True, False, True),
 }
 # The methods without a drafter: every other method's tokens/s is also given as a ratio to each of them.
-AR_METHODS = ("ar_eager", "ar_static", "ar_loop", "ar_loop_frozen")
+AR_METHODS = ("ar_eager", "ar_static", "ar_loop")
 
 EOS_POLICY = (
     "EOS ignored by every method (generate(eos_token_id=None); DFlashDecoder stop_token_ids=[]): every row generates "
@@ -592,7 +586,7 @@ def decoder_supports_compile() -> bool:
 
 
 def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: int, cuda_graphs: bool | None,
-                 compile: bool | None = None, max_batch_size: int = 1, freeze_weights: bool = False):
+                 compile: bool | None = None, max_batch_size: int = 1):
     """`(DFlashDecoder, extra generate kwargs)`, passing only the constructor arguments this version accepts.
     `compile=None` leaves the decoder's default."""
     from dflash_hf import DFlashDecoder
@@ -612,8 +606,6 @@ def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: in
         kwargs["compile"] = compile
     elif compile and "compile" not in params:
         raise ValueError("This DFlashDecoder has no compile option.")
-    if freeze_weights:
-        kwargs["freeze_weights"] = True
     return DFlashDecoder(target, drafter, **kwargs), generate_kwargs
 
 
@@ -808,7 +800,7 @@ class Context:
                 self.target, self.drafter if mode.with_drafter else None,
                 max_length=self.max_width + self.max_new_tokens, cuda_graphs=mode.cuda_graphs,
                 compile=mode.compile if decoder_supports_compile() else None,
-                max_batch_size=max(self.opts.batch_sizes), freeze_weights=mode.freeze_weights,
+                max_batch_size=max(self.opts.batch_sizes),
             )
             self.step_timers[mode] = StepIntervalTimer()
         return self.decoders[mode]
@@ -1331,7 +1323,7 @@ def _skip_reason(spec: MethodSpec, batch: int, device: torch.device, opts: Bench
         ok, why = native_dflash_available()
         if not ok:
             return why
-    if spec.key in ("dflash_loop_compiled", "dflash_loop_frozen", "ar_loop_frozen") and not decoder_supports_compile():
+    if spec.key == "dflash_loop_compiled" and not decoder_supports_compile():
         return "this DFlashDecoder has no compile option"
     return None
 
@@ -1347,7 +1339,7 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
     if key == "ar_static":
         # Full length on the longest prompt: on CUDA this call compiles the decode step for the final cache shape.
         return _static_runner(ctx), full
-    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop", "dflash_loop_frozen", "ar_loop_frozen"):
+    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop"):
         # Full length so graphs are captured (and steps compiled) in the warm-up, not in a timed run.
         return _loop_runner(ctx, LOOP_MODES[key]), full
     if key == "dflash_loop_eager":
@@ -1573,13 +1565,11 @@ def render_markdown(payload: dict[str, Any]) -> str:
         for r in extra:
             lines.append(f"- `dflash_loop_compiled` b={r['batch_size']} against the uncompiled graphed floor: "
                          f"{r['loop_over_graphed_floor']:.2f}.")
-    for loop, ar, what in (("dflash_loop_compiled", "ar_loop", "compiled, graphed loop"),
-                           ("dflash_loop_frozen", "ar_loop_frozen", "loop with frozen weights")):
-        shares = [r for r in payload["results"] if r.get("status") == "ok" and r["method"] == loop
-                  and r.get(f"speedup_vs_{ar}")]
-        if shares:
-            lines += ["", f"The drafter's own share (the same {what} with and without it): " + "; ".join(
-                f"batch {r['batch_size']} {r[f'speedup_vs_{ar}']:.2f}x" for r in shares) + "."]
+    shares = [r for r in payload["results"] if r.get("status") == "ok" and r["method"] == "dflash_loop_compiled"
+              and r.get("speedup_vs_ar_loop")]
+    if shares:
+        lines += ["", "The drafter's own share (the same compiled, graphed loop with and without it): " + "; ".join(
+            f"batch {r['batch_size']} {r['speedup_vs_ar_loop']:.2f}x" for r in shares) + "."]
     spec_rows = [r for r in payload["results"] if r.get("status") == "ok" and r.get("per_category")
                  and r["method"] not in AR_METHODS]
     if spec_rows:
