@@ -1,4 +1,5 @@
-"""`dflash-hf make-data` and `dflash-hf train` through real subprocesses, including a 2-process gloo DDP run."""
+"""`dflash-hf make-data` and `dflash-hf train` through real subprocesses, including 2-process gloo runs (DDP, and DDP
+with the target sharded by FSDP)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,49 @@ def test_train_cli_under_torchrun_with_gloo(target_dir, data_file, tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [e["step"] for e in metrics["evals"]] == [0, 3]
     assert (out / "drafter" / "model.safetensors").is_file()
+
+
+def test_train_cli_shards_the_target_under_torchrun(target_dir, data_file, tmp_path):
+    """--shard-target: the target's decoder layers are split over the 2 gloo processes (FSDP2), each holding half of
+    them, and every process joins the evaluations. Gathering a layer's weights is exact, so the drafter is the very
+    one a run with a whole target per process trains: same weights, same held-out tau."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    common = ["--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
+              "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
+              "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--eval-every", "2", "--no-progress",
+              "--no-plot", "--save-dtype", "float32"]
+    runs = {}
+    for name, extra in (("whole", []), ("sharded", ["--shard-target"])):
+        out = tmp_path / name
+        result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", *common, "--output",
+                         str(out), *extra, module=("-m", "torch.distributed.run"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (json.loads((out / "metrics.json").read_text()), load_file(out / "drafter" / "model.safetensors"))
+    (whole, whole_weights), (sharded, sharded_weights) = runs["whole"], runs["sharded"]
+
+    assert sharded["extra"]["target_sharded"] is True and whole["extra"]["target_sharded"] is False
+    model = AutoModelForCausalLM.from_pretrained(target_dir)
+    total = sum(p.numel() for p in model.parameters())
+    in_layers = sum(p.numel() for p in model.model.layers.parameters())
+    assert whole["extra"]["target_parameters_per_rank"] == [total, total]
+    assert sharded["extra"]["target_parameters_per_rank"] == [total - in_layers // 2] * 2
+    assert sharded["extra"]["rank_parameter_checksums"][0] == sharded["extra"]["rank_parameter_checksums"][1]
+    assert sharded_weights.keys() == whole_weights.keys()
+    for key in whole_weights:
+        assert torch.equal(sharded_weights[key], whole_weights[key]), key
+    assert [e["step"] for e in sharded["evals"]] == [0, 2, 3]
+    assert [e["per_category"] for e in sharded["evals"]] == [e["per_category"] for e in whole["evals"]]
+
+
+def test_shard_target_needs_torchrun(data_file, tmp_path, capsys):
+    from dflash_hf.cli import main
+
+    assert main(["train", "--target", "smollm2", "--data", str(data_file), "--output", str(tmp_path / "o"),
+                 "--shard-target"]) == 2
+    err = capsys.readouterr().err
+    assert "--shard-target" in err and "torchrun --nproc_per_node=N" in err
 
 
 def test_cli_error_exit_code_in_a_real_process(tmp_path):

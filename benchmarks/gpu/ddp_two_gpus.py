@@ -1,7 +1,8 @@
 """`dflash-hf train` data-parallel on two GPUs (torchrun, NCCL) against the same command on one GPU.
 
-Checks what the gloo test (tests/test_cli_train.py) checks on CPU, on real GPUs: both ranks end with the very same
-drafter weights, and measures the data-parallel throughput (sequences a second, each process with the same
+Checks what the gloo tests (tests/test_cli_train.py) check on CPU, on real GPUs: both ranks end with the very same
+drafter weights, with a whole target per process (DDP) and with the target's layers sharded over the two
+(`--shard-target`, FSDP2), and measures the data-parallel throughput (sequences a second, each process with the same
 `--batch-size`). The target is a random-weight model with SmolLM2-135M's shapes (30 layers, hidden 576, 9/3 heads)
 and a character-level chat tokenizer built in code (so its vocabulary is 102, not 49,152), saved to a folder: no
 download, no GGUF. Its answers are noise, which is all a throughput and correctness check of the training path needs.
@@ -76,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                   "--num-context-layers", "5" if args.layers >= 8 else "1", "--block-size", "8", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                   "--num-anchors", str(args.num_anchors), "--eval-per-category", "1", "--eval-max-new-tokens", "16",
                   "--eval-every", "0", "--no-progress", "--no-plot", "--seed", "0", "--drafter-seed", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     runs = {}
-    for name, launcher in (("1 process", [sys.executable]),
-                           ("2 processes (torchrun)", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       "--nproc_per_node=2"])):
-        folder = work / name.split()[0]
-        wall = run(launcher + train_args + ["--output", str(folder)], out / f"train_{name.split()[0]}.log")
+    for name, tag, launcher, extra in (("1 process", "1", [sys.executable], []),
+                                       ("2 processes (torchrun)", "2", torchrun, []),
+                                       ("2 processes, target sharded (--shard-target)", "2-sharded", torchrun,
+                                        ["--shard-target"])):
+        folder = work / tag
+        wall = run(launcher + train_args + extra + ["--output", str(folder)], out / f"train_{tag}.log")
         metrics = json.loads((folder / "metrics.json").read_text())
         world = metrics["extra"].get("world_size", 1)
         checksums = metrics["extra"].get("rank_parameter_checksums")
@@ -89,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": world, "steps": metrics["steps"], "train_seconds": metrics["seconds"], "wall_seconds": wall,
             "sequences_per_second": metrics["steps"] * args.batch_size * world / metrics["seconds"],
             "rank_parameter_checksums": checksums, "device": metrics["run"]["device"],
-            "final_tau": metrics["final_tau"],
+            "final_tau": metrics["final_tau"], "final_loss": metrics["history"][-1]["loss"],
+            "target_parameters_per_rank": metrics["extra"].get("target_parameters_per_rank"),
+            "ranks_identical": None if world == 1 else bool(checksums) and len(set(map(str, checksums))) == 1,
         }
     one, two = runs["1 process"], runs["2 processes (torchrun)"]
     payload = {
         "command": "python3 " + " ".join([str(Path(__file__).relative_to(ROOT))] + (argv or sys.argv[1:])),
         "settings": vars(args), "make_data_seconds": make_data_s, "runs": runs,
         "scaling": two["sequences_per_second"] / one["sequences_per_second"],
-        "ranks_identical": bool(two["rank_parameter_checksums"])
-        and len(set(map(str, two["rank_parameter_checksums"]))) == 1,
+        "ranks_identical": all(r["ranks_identical"] for r in runs.values() if r["world_size"] > 1),
     }
     import torch
     import transformers
@@ -110,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
              f"GPUs: {', '.join(payload['environment']['gpus']) or 'none (CPU, gloo)'}",
              f"- Target: random weights, {args.layers} layers, hidden {args.hidden}, character-level vocabulary; "
              f"drafter 2 layers, block 8; {args.batch_size} sequences x {args.num_anchors} anchors per process per step",
-             "", "| run | device (rank 0) | steps | train s | sequences/s | both ranks' weights identical |",
-             "|---|---|---|---|---|---|"]
+             "", "| run | device (rank 0) | target parameters per rank | steps | train s | sequences/s | final loss | "
+             "final tau | both ranks' weights identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        same = "–" if r["world_size"] == 1 else ("yes" if payload["ranks_identical"] else "**no**")
-        lines.append(f"| {name} | {r['device']} | {r['steps']} | {r['train_seconds']:.1f} | "
-                     f"{r['sequences_per_second']:.1f} | {same} |")
+        same = "–" if r["world_size"] == 1 else ("yes" if r["ranks_identical"] else "**no**")
+        held = ", ".join(f"{n:,}" for n in r["target_parameters_per_rank"] or [])
+        lines.append(f"| {name} | {r['device']} | {held} | {r['steps']} | {r['train_seconds']:.1f} | "
+                     f"{r['sequences_per_second']:.1f} | {r['final_loss']:.4f} | {r['final_tau']:.3f} | {same} |")
     lines += ["", f"Data-parallel scaling (sequences/s, 2 processes / 1): **{payload['scaling']:.2f}x**."]
     (out / "ddp_two_gpus.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -3,7 +3,9 @@
 The published recipe (docs/TRAINING.md): frozen target features, random anchors per sequence re-drawn every epoch,
 all blocks of a sequence in one packed drafter forward, exponentially decayed cross-entropy on response tokens, AdamW
 with warmup and cosine decay, bf16 autocast on GPU. Acceptance length tau is measured on held-out prompts with the
-real decode loop. Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP).
+real decode loop. Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP); with
+`--shard-target` the frozen target's decoder layers are also sharded over the N processes (FSDP), for targets that do
+not fit on one GPU.
 
 Writes OUTPUT/drafter/ (config.json + model.safetensors in the released layout), OUTPUT/metrics.json (per-category
 tau on held-out prompts, history) and OUTPUT/curves.png.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -47,6 +50,10 @@ def register(subparsers) -> None:
     add_target_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL written by `dflash-hf make-data`")
     parser.add_argument("--output", required=True, help="output folder (drafter/, metrics.json, curves.png)")
+    parser.add_argument("--shard-target", action="store_true",
+                        help="under torchrun (>= 2 processes): shard the frozen target's decoder layers over the "
+                             "processes (FSDP2) instead of a whole copy per process; for targets that do not fit "
+                             "on one GPU")
     drafter = parser.add_argument_group("drafter")
     drafter.add_argument("--init-from", help="continue from this drafter folder instead of a new drafter")
     drafter.add_argument("--num-layers", type=positive_int, default=4, help="drafter layers (default 4)")
@@ -112,6 +119,13 @@ def check_arguments(args) -> None:
         raise ValueError("--eval-per-category and --eval-every must be >= 0.")
     if args.warmup_ratio >= 1 or args.min_lr_ratio > 1:
         raise ValueError(f"--warmup-ratio {args.warmup_ratio} must be < 1 and --min-lr-ratio {args.min_lr_ratio} <= 1.")
+    if args.shard_target:
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError(
+                "--shard-target splits the target over the processes of a torchrun job and needs at least 2 of them; "
+                "run `torchrun --nproc_per_node=N -m dflash_hf train ... --shard-target` with N >= 2, or drop the "
+                "option."
+            )
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise FileNotFoundError(f"--init-from {args.init_from!r} is not a drafter folder with config.json.")
     output = Path(args.output)
@@ -143,7 +157,7 @@ def run(args) -> int:
     from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
     from dflash_hf.training.data import pad_token_id, stop_token_ids
     from dflash_hf.training.loading import (
-        load_target, resolve_device, resolve_dtype, setup_distributed, teardown_distributed,
+        load_target, resolve_device, resolve_dtype, setup_distributed, shard_target, teardown_distributed,
     )
     from dflash_hf.training.recipe import count_parameters, new_drafter_config, train_drafter
 
@@ -155,9 +169,12 @@ def run(args) -> int:
         # Rank 0 loads first, so a one-time conversion (smollm2) runs once, not once per process.
         if world > 1 and rank != 0:
             torch.distributed.barrier()
-        target, tokenizer = load_target(args.target, dtype, device)
+        # A target to be sharded is loaded on the CPU: its layers reach the GPU one shard at a time.
+        target, tokenizer = load_target(args.target, dtype, torch.device("cpu") if args.shard_target else device)
         if world > 1 and rank == 0:
             torch.distributed.barrier()
+        if args.shard_target:
+            target = shard_target(target, device)
         load_seconds = time.perf_counter() - started
         if args.init_from:
             drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)
@@ -175,12 +192,13 @@ def run(args) -> int:
                   f"{drafter.config.num_hidden_layers} layers, {params:,} parameters ({params * 2 / 1e6:.1f} MB in "
                   f"bf16), target layers {drafter.config.target_layer_ids}, mask id {drafter.config.mask_token_id}, "
                   f"{world} process(es)", file=sys.stderr)
-        eval_set = eval_prompts(args, tokenizer) if rank == 0 else []
+        # A sharded target needs every process in each of its forwards, so then every process evaluates.
+        eval_set = eval_prompts(args, tokenizer) if rank == 0 or args.shard_target else []
         run_info = {
             "argv": sys.argv, "target": args.target, "data": str(args.data), "load_seconds": load_seconds,
             "device": str(device), "dtype": str(dtype), "world_size": world, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-            "drafter_parameters": params, "eval_prompts": len(eval_set),
+            "drafter_parameters": params, "eval_prompts": len(eval_set), "shard_target": args.shard_target,
         }
         result = train_drafter(
             target, drafter, args.data,

@@ -59,6 +59,49 @@ def load_target(spec: str, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def shard_target(target: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard the frozen target's decoder layers over the processes of the group (FSDP2 `fully_shard`) and move it to
+    `device`.
+
+    Each process keeps 1/world of every decoder layer's weights and gathers a layer's full weights only while that
+    layer runs (its forward), so a target too large for one GPU trains a drafter. The embedding, final norm and LM
+    head stay whole on every process: the drafter reads the embedding and the head directly, outside the target's
+    forward. Load the target on the CPU first: layers are moved to `device` one at a time as they are sharded.
+    """
+    import torch.distributed as dist
+
+    from dflash_hf.modeling.generation_dflash import find_decoder_layers
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        raise ValueError(
+            "Sharding the target (--shard-target) splits it over the processes of a torchrun job and needs at least 2 "
+            "of them; start the command with `torchrun --nproc_per_node=N -m dflash_hf train ...` (N >= 2), or drop "
+            "the option."
+        )
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ValueError(
+            f"Sharding the target needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is torch "
+            f"{torch.__version__}. Upgrade torch, or drop --shard-target (every process then holds the whole target)."
+        ) from None
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in find_decoder_layers(target):
+        fully_shard(layer, mesh=mesh)  # reshards after each forward: one full layer at a time
+    return target.to(device)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether some parameter of `module` is a DTensor shard (see `shard_target`)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no public DTensor, so nothing was sharded by shard_target
+        return False
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def setup_distributed() -> tuple[int, int]:
     """Join the process group when started by `torchrun` (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU. Returns
     `(rank, world_size)`; `(0, 1)` without torchrun."""
@@ -82,4 +125,5 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["load_target", "resolve_device", "resolve_dtype", "setup_distributed", "teardown_distributed"]
+__all__ = ["is_sharded", "load_target", "resolve_device", "resolve_dtype", "setup_distributed", "shard_target",
+           "teardown_distributed"]

@@ -44,6 +44,7 @@ from dflash_hf.modeling.generation_dflash import TargetFeatureCapture, embed_blo
 from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 
 from .data import as_examples
+from .loading import is_sharded
 
 # Published loss-decay constants: gamma = 7 for B = 16 (community repro, MiMo), gamma = 4 for B = 8 (ModelOpt).
 _PUBLISHED_GAMMA = {16: 7.0, 8: 4.0}
@@ -635,10 +636,21 @@ def train_drafter(
         run_info: extra facts stored in `metrics.json` (e.g. the command line).
 
     Under `torchrun` (an initialised process group) each process trains on its own shard of the sequences and the
-    gradients are averaged by DDP; only rank 0 evaluates, saves and shows progress.
+    gradients are averaged by DDP; only rank 0 evaluates, saves and shows progress. A target sharded over the
+    processes (`dflash_hf.training.loading.shard_target`, FSDP2) works the same, except that every process runs the
+    evaluations (each target forward needs all of them), so every process must get the same `eval_set`.
     """
     distributed, rank, world = _distributed()
     main_process = rank == 0
+    sharded_target = distributed and is_sharded(target)
+    if sharded_target:
+        sizes = [None] * world
+        dist.all_gather_object(sizes, len(eval_set or ()))
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"The target is sharded over the processes, so every process runs the evaluation, but they were given "
+                f"eval sets of {sizes} prompts; pass the same eval_set on every rank."
+            )
     device = next(target.parameters()).device
     config: DFlashConfig = drafter.config
     if str(config._attn_implementation).startswith("flash"):
@@ -691,34 +703,44 @@ def train_drafter(
     mask_dtype = torch.bfloat16 if autocast else torch.float32
     output_dir = Path(output_dir) if output_dir is not None else None
     result = TrainResult(output_dir=str(output_dir) if output_dir else None)
+    # Parameters of the target each process holds (all of them, unless the target is sharded).
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in target.parameters())
+    local_target = [held]
+    if distributed:
+        local_target = [None] * world
+        dist.all_gather_object(local_target, held)
     result.extra.update(
+        target_sharded=sharded_target, target_parameters_per_rank=local_target,
         world_size=world, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup,
         sequences=len(examples), gamma=gamma, batch_size=batch_size, num_anchors=num_anchors, lr=lr,
         drafter_parameters=sum(p.numel() for p in drafter.parameters()), time_budget=time_budget,
     )
 
     def run_eval(step: int) -> None:
-        if not eval_set or not main_process:
-            return
-        report = evaluate_tau(target, drafter, eval_set, max_new_tokens=eval_max_new_tokens,
-                              stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, backend=eval_backend,
-                              batch_size=eval_batch_size)
-        report["step"] = step
-        result.evals.append(report)
-        result.eval_seconds += report["seconds"]
+        """Rank 0 evaluates (every rank, in lockstep, when the target is sharded) while the others wait. Every rank
+        counts the time as evaluation, so the time budget sees the same training time on all of them."""
+        eval_started = time.perf_counter()
+        if eval_set and (main_process or sharded_target):
+            report = evaluate_tau(target, drafter, eval_set, max_new_tokens=eval_max_new_tokens,
+                                  stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, backend=eval_backend,
+                                  batch_size=eval_batch_size)
+            if main_process:
+                report["step"] = step
+                result.evals.append(report)
+                result.eval_seconds += report["seconds"]
+                if bar is not None:
+                    # stderr: stdout is kept for the commands' machine-readable summaries.
+                    bar.write(f"step {step}: tau {report['tau']:.3f} " +
+                              " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()), file=sys.stderr)
+        if distributed:
+            dist.barrier()
         if step > 0:
-            timers["eval_in_loop"] += report["seconds"]
-        if bar is not None:
-            # stderr: stdout is kept for the commands' machine-readable summaries.
-            bar.write(f"step {step}: tau {report['tau']:.3f} " +
-                      " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()), file=sys.stderr)
+            timers["eval_in_loop"] += time.perf_counter() - eval_started
 
     timers = {"eval_in_loop": 0.0, "target_features": 0.0}
     bar = tqdm(total=total_steps, desc="training drafter", unit="step", disable=not (progress and main_process),
                dynamic_ncols=True)
     run_eval(0)
-    if distributed:
-        dist.barrier()
     started = time.perf_counter()
     step = 0
     window: list[dict] = []
@@ -798,8 +820,6 @@ def train_drafter(
             bar.update(1)
             if eval_every and step % eval_every == 0 and step < total_steps:
                 run_eval(step)
-                if distributed:
-                    dist.barrier()
             if save_every and output_dir is not None and step % save_every == 0 and main_process:
                 save_drafter(drafter, output_dir / "checkpoints" / f"step-{step}", save_dtype)
         if step >= total_steps:
