@@ -118,14 +118,14 @@ def test_train_cli_time_budget_replans_the_run(target_dir, data_file, tmp_path):
         assert refused.returncode == 2 and "--time-budget-minutes" in refused.stderr
 
 
-def test_train_cli_under_torchrun_with_gloo(target_dir, data_file, tmp_path):
+def test_train_cli_under_torchrun_and_accelerate_with_gloo(target_dir, data_file, tmp_path):
     """Two CPU processes (gloo): each trains on its own shard, DDP averages gradients, so both end with the very
-    same weights; only rank 0 evaluates and writes."""
+    same weights; only rank 0 evaluates and writes. `accelerate launch` gives the same run."""
+    common = ["--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
+              "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
+              "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--no-progress", "--no-plot"]
     out = tmp_path / "ddp"
-    result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", "--target", str(target_dir),
-                     "--data", str(data_file), "--output", str(out), "--num-layers", "1", "--block-size", "4",
-                     "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
-                     "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--no-progress", "--no-plot",
+    result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", *common, "--output", str(out),
                      module=("-m", "torch.distributed.run"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -134,6 +134,17 @@ def test_train_cli_under_torchrun_with_gloo(target_dir, data_file, tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [e["step"] for e in metrics["evals"]] == [0, 3]
     assert (out / "drafter" / "model.safetensors").is_file()
+
+    # `accelerate launch` starts the same 2 processes (its multi-process launcher runs torchrun's; without GPUs the
+    # command picks gloo): the same drafter, weight for weight.
+    out = tmp_path / "accelerate"
+    result = run_cli("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", "-m", "dflash_hf", "train", *common, "--output", str(out),
+                     module=("-m", "accelerate.commands.launch"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    launched = json.loads((out / "metrics.json").read_text())
+    assert launched["extra"]["world_size"] == 2
+    assert launched["extra"]["rank_parameter_checksums"] == checksums
 
 
 def test_train_cli_shards_the_target_under_torchrun(target_dir, data_file, tmp_path):
