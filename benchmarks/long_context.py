@@ -29,7 +29,8 @@ from pair import add_pair_arguments, load_pair
 
 from dflash_hf import DFlashDecoder
 from dflash_hf.prompts import offline_passages
-from dflash_hf.training.data import encode_prompt, stop_token_ids
+from dflash_hf.stops import target_stop_ids
+from dflash_hf.training.data import encode_prompt
 
 QUESTION = "\n\nSummarise the text above in three sentences."
 
@@ -84,7 +85,7 @@ def main() -> int:
     args = parser.parse_args()
 
     target, tokenizer, drafter, description, device, dtype = load_pair(args)
-    stops = stop_token_ids(target, tokenizer)
+    stops = target_stop_ids(target, tokenizer)
     limit = int(target.config.max_position_embeddings)
     lengths = [int(x) for x in args.lengths.split(",")]
     too_long = [n for n in lengths if n + args.new_tokens > limit]

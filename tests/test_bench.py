@@ -196,19 +196,19 @@ def test_bench_stop_at_eos(tiny_folder: Path, tmp_path: Path):
         assert row["lossless"]["exact"] is True, (key, row["lossless"])
 
 
-def test_target_stop_ids_reads_generation_config_then_config(tiny_folder: Path):
+def test_stop_at_eos_stops_where_generate_does_and_needs_a_stop_id(tiny_folder: Path):
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
-    assert bench.target_stop_ids(model, tokenizer) == [2]
+    assert bench.eos_policy_stop_ids(model, tokenizer) == [2]
     model.generation_config.eos_token_id = [7, 9]
-    assert bench.target_stop_ids(model, tokenizer) == [7, 9]
+    assert bench.eos_policy_stop_ids(model, tokenizer) == [7, 9]
     model.generation_config.eos_token_id = None
     model.config.eos_token_id = None
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="--stop-at-eos: the target names no EOS token"):
-        bench.target_stop_ids(model, tokenizer)
+        bench.eos_policy_stop_ids(model, tokenizer)
 
 
 def test_truncated_assistant_shares_embedding_and_head(tiny_folder: Path):

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from dflash_hf.modeling.decoding_dflash import last_error_line
+from dflash_hf.stops import cut_after_stop, target_stop_ids
 
 # Weight-read bandwidth ceilings of the H200 the lead runs on: HBM3e spec and the device-to-device copy measured there
 # (KINDS.md: ~4.3 TB/s counting bytes read and written).
@@ -271,15 +272,12 @@ def _pick_mask_token_id(tokenizer, text_config) -> int:
     return vocab - 1
 
 
-def target_stop_ids(target: nn.Module, tokenizer) -> list[int]:
-    """The target's EOS id(s): its generation config's (an int or a list, e.g. chat models' end-of-turn), else its
-    text config's, else the tokenizer's. Raises if none is named (--stop-at-eos would then never stop)."""
-    text = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-    generation = getattr(target, "generation_config", None)
-    for value in (getattr(generation, "eos_token_id", None), text.eos_token_id, tokenizer.eos_token_id):
-        ids = [value] if isinstance(value, int) else list(value or [])
-        if ids:
-            return [int(i) for i in ids]
+def eos_policy_stop_ids(target: nn.Module, tokenizer) -> list[int]:
+    """The ids `--stop-at-eos` stops at (`dflash_hf.stops.target_stop_ids`: where `target.generate` stops). Raises if
+    the target names none (the flag would then never stop)."""
+    ids = target_stop_ids(target, tokenizer)
+    if ids:
+        return ids
     raise ValueError("--stop-at-eos: the target names no EOS token (generation_config, config and tokenizer all "
                      "lack eos_token_id); set generation_config.eos_token_id in the model folder or drop the flag.")
 
@@ -787,7 +785,7 @@ class Context:
         if not self.stop_ids:
             return rows
         stops = set(self.stop_ids)
-        return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+        return [cut_after_stop(row, stops) for row in rows]
 
     def generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
         return dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
@@ -1192,7 +1190,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
                   max_new_tokens=opts.max_new_tokens, pad_id=pad_id, opts=opts)
     ctx.max_width = max(len(r) for r in ids)
     if opts.stop_at_eos:
-        ctx.stop_ids = target_stop_ids(target, tokenizer)
+        ctx.stop_ids = eos_policy_stop_ids(target, tokenizer)
     assistant_layers = opts.assistant_layers or max(1, text.num_hidden_layers // 6)
     weights = {"target": forward_weight_bytes(target),
                "drafter": forward_weight_bytes(drafter, extra=target.get_output_embeddings())}
@@ -1727,6 +1725,6 @@ __all__ = [
     "load_prompts",
     "make_decoder",
     "run_benchmark",
-    "target_stop_ids",
+    "eos_policy_stop_ids",
     "time_callable",
 ]

@@ -56,6 +56,8 @@ except ImportError as error:  # pragma: no cover - depends on the install
         f"(missing: {error.name})"
     ) from error
 
+from dflash_hf.stops import cut_after_stop, target_stop_ids
+
 DEFAULT_MAX_MODEL_LEN = 8192
 # The decoder keeps one workspace (static caches + CUDA graphs) per batch shape and sampling setting. Greedy ones are
 # bounded by the batch-size buckets; sampling ones would grow with every distinct temperature/top-p/top-k a client
@@ -425,7 +427,6 @@ class Engine:
 
     def __init__(self, target, tokenizer, drafter=None, *, max_batch_size: int = 8, max_model_len: int | None = None,
                  model_name: str = "model", drafter_kind: str = "trained", compile: bool = False):
-        from dflash_hf.commands.demo import stop_ids
         from dflash_hf.modeling.generation_dflash import target_text_config
 
         if max_batch_size < 1:
@@ -440,7 +441,7 @@ class Engine:
                              f"use at most {limit}.")
         self.max_model_len = max_model_len or default
         self.device = next(target.parameters()).device
-        self.stop_token_ids = stop_ids(target, tokenizer)  # the target's generation_config EOS ids
+        self.stop_token_ids = target_stop_ids(target, tokenizer)  # where target.generate would stop
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.stop_token_ids[0] if self.stop_token_ids else 0)
         self.decoder = None
@@ -718,12 +719,8 @@ class Engine:
                 torch.manual_seed(params.seed)
         with torch.no_grad():
             out = self.target.generate(input_ids, attention_mask=mask, **kwargs)
-        rows = []
         stops = set(self.stop_token_ids)
-        for seq in out[:, input_ids.shape[1]:].tolist():
-            end = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
-            rows.append(seq[:end])
-        return rows
+        return [cut_after_stop(seq, stops) for seq in out[:, input_ids.shape[1]:].tolist()]
 
     # ------------------------------------------------------------------------------------------- consuming a row
     async def row_text(self, row: Row) -> AsyncIterator[Union[str, RowResult]]:

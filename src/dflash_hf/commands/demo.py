@@ -13,6 +13,7 @@ import sys
 import time
 
 from dflash_hf.cli_args import positive_int
+from dflash_hf.stops import target_stop_ids
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -93,13 +94,6 @@ def encode(tokenizer, text_or_messages, chat: bool, device):
     return ids.to(device)
 
 
-def stop_ids(target, tokenizer) -> list[int]:
-    eos = target.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-
-
 def stats_line(n_tokens: int, seconds: float, tau: float | None = None) -> str:
     rate = n_tokens / seconds if seconds > 0 else float("nan")
     text = f"{n_tokens} tokens in {seconds:.2f} s ({rate:.1f} tok/s)"
@@ -153,7 +147,7 @@ def run(args) -> int:
 
     target, tokenizer, drafter, trained = load_pair(args, quiet=True)
     device = next(target.parameters()).device
-    stops = stop_ids(target, tokenizer)
+    stops = target_stop_ids(target, tokenizer)
     prompts = args.prompts or list(DEFAULT_PROMPTS)
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompts got an empty prompt; every prompt needs some text.")

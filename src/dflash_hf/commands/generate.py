@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 from dflash_hf.cli_args import non_negative_float, positive_int
-from dflash_hf.commands.demo import add_model_arguments, encode, load_pair, stop_ids
+from dflash_hf.commands.demo import add_model_arguments, encode, load_pair
+from dflash_hf.stops import target_stop_ids
 
 
 def register(subparsers) -> None:
@@ -45,7 +46,7 @@ class Session:
     def __init__(self, target, tokenizer, drafter):
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.decoder = None
-        self.stops = stop_ids(target, tokenizer)
+        self.stops = target_stop_ids(target, tokenizer)
 
     def generate(self, ids, args, *, stream: bool = True):
         """Decode `[1, prompt]` ids, printing text as it is committed; returns the loop's output."""

@@ -155,7 +155,8 @@ def run(args) -> int:
     import torch.distributed
 
     from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
-    from dflash_hf.training.data import pad_token_id, stop_token_ids
+    from dflash_hf.stops import target_stop_ids
+    from dflash_hf.training.data import pad_token_id
     from dflash_hf.training.loading import (
         load_target, resolve_device, resolve_dtype, setup_distributed, shard_target, teardown_distributed,
     )
@@ -209,7 +210,7 @@ def run(args) -> int:
             grad_clip=args.grad_clip, gamma=args.gamma, max_length=args.max_length, seed=args.seed,
             autocast=False if args.no_autocast else None, eval_set=eval_set, eval_every=args.eval_every or None,
             eval_max_new_tokens=args.eval_max_new_tokens, eval_backend=args.eval_backend,
-            eval_batch_size=args.eval_batch_size, stop_token_ids=stop_token_ids(target, tokenizer),
+            eval_batch_size=args.eval_batch_size, stop_token_ids=target_stop_ids(target, tokenizer),
             pad_token_id=pad_token_id(target, tokenizer), output_dir=args.output, save_every=args.save_every,
             save_dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32, log_every=args.log_every,
             plot=not args.no_plot, progress=not args.no_progress, run_info=run_info,

@@ -12,7 +12,7 @@ token after the first), which is how tests get a small trained drafter quickly:
     >>> train_drafter(target, drafter, [p + r for p, r in zip(prompts, seqs)], max_steps=60, num_anchors=16)
 """
 
-from .data import as_examples, encode_prompt, generate_responses, load_jsonl, make_data, pad_token_id, stop_token_ids
+from .data import as_examples, encode_prompt, generate_responses, load_jsonl, make_data, pad_token_id
 from .recipe import (
     PackedDrafter,
     TrainResult,
@@ -36,5 +36,5 @@ __all__ = [
     "PackedDrafter", "TrainResult", "as_examples", "count_parameters", "default_gamma", "encode_prompt",
     "evaluate_tau", "generate_responses", "layer_attention_masks", "load_jsonl", "make_data", "new_drafter_config",
     "pack_blocks", "packed_loss", "packed_visibility", "pad_token_id", "pick_mask_token_id", "plot_curves",
-    "sample_anchors", "save_drafter", "stop_token_ids", "target_features", "train_drafter",
+    "sample_anchors", "save_drafter", "target_features", "train_drafter",
 ]

@@ -23,23 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from dflash_hf.stops import cut_after_stop, target_stop_ids
+
 # Generators of `generate_responses` (see there).
 ENGINES = ("auto", "hf-static", "hf-dynamic", "loop")
-
-
-def stop_token_ids(target: nn.Module, tokenizer=None) -> list[int]:
-    """The ids that end a response: the target's generation-config EOS ids plus the tokenizer's EOS."""
-    ids: list[int] = []
-    generation_config = getattr(target, "generation_config", None)
-    for source in (getattr(generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.extend([source] if isinstance(source, int) else list(source))
-    if not ids:
-        eos = getattr(target.config, "eos_token_id", None)
-        if eos is not None:
-            ids.extend([eos] if isinstance(eos, int) else list(eos))
-    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def pad_token_id(target: nn.Module, tokenizer=None) -> int:
@@ -47,7 +34,7 @@ def pad_token_id(target: nn.Module, tokenizer=None) -> int:
     for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(target.config, "pad_token_id", None)):
         if isinstance(candidate, int):
             return candidate
-    stops = stop_token_ids(target, tokenizer)
+    stops = target_stop_ids(target, tokenizer)
     return stops[0] if stops else 0
 
 
@@ -160,10 +147,8 @@ def generate_responses(
                                       generation_config=config)
                 new = out[:, width:].tolist()
             for r, i in enumerate(rows):
-                ids = new[r]
-                cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
-                results[i] = ids[:cut]
-                produced += cut
+                results[i] = cut_after_stop(new[r], stops)
+                produced += len(results[i])
             bar.update(len(rows))
             bar.set_postfix(tok_s=f"{produced / max(time.perf_counter() - started, 1e-9):.0f}")
     finally:
@@ -203,7 +188,7 @@ def make_data(
         encode_prompt(tokenizer, r["prompt"], use_chat_template=use_chat_template, system_prompt=system_prompt)
         for r in records
     ]
-    stops = stop_token_ids(target, tokenizer)
+    stops = target_stop_ids(target, tokenizer)
     started = time.perf_counter()
     responses = generate_responses(
         target, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -297,5 +282,4 @@ def as_examples(dataset) -> list[dict]:
     return examples
 
 
-__all__ = ["as_examples", "encode_prompt", "generate_responses", "load_jsonl", "make_data", "pad_token_id",
-           "stop_token_ids"]
+__all__ = ["as_examples", "encode_prompt", "generate_responses", "load_jsonl", "make_data", "pad_token_id"]

@@ -111,10 +111,13 @@ def setup_distributed() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            # Binding the group to this process's GPU lets NCCL (and barrier) use it without guessing from the rank.
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
