@@ -351,8 +351,9 @@ def test_saved_checkpoint_keeps_the_released_layout(tmp_path):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_make_data_writes_the_targets_own_answers(engine, tmp_path):
-    """Every generation engine; the static ones fill the last batch (1 prompt of 3 rows) with copies and pad every
-    batch to the longest prompt of the set, and must still give each prompt its own answer."""
+    """Every generation engine; the static ones fill the last batch (1 prompt of 3 rows) with copies, hf-static pads
+    every batch to the longest prompt of the set, the loop only to the batch's own (a narrower second batch), and
+    each must still give each prompt its own answer."""
     tokenizer = tiny_chat_tokenizer()
     target = tiny_target("qwen3", layers=3, vocab=len(tokenizer), eos=2)
     prompts = [{"category": "math", "prompt": "What is 2+2?"}, {"category": "chat", "prompt": "Hello"},

@@ -87,9 +87,11 @@ def generate_responses(
       are bound by reading the whole static K/V cache every step (11,900 tokens/s on a longer-prompt set).
     - ``"auto"`` (default): ``"hf-static"`` on CUDA, ``"hf-dynamic"`` elsewhere.
 
-    With the two static engines every batch has the same shape (`min(batch_size, len(prompt_ids))` rows, the last
-    batch filled up with copies of its last prompt; the cache sized for the longest prompt of the whole set), so
-    compilation happens once.
+    With the two static engines every batch has the same number of rows (`min(batch_size, len(prompt_ids))`, the
+    last batch filled up with copies of its last prompt) and the caches are sized for the longest prompt of the whole
+    set, so compilation happens once. `"hf-static"` also pads every batch to that longest prompt (its compiled
+    shapes include the prompt); the loop prefills eagerly, so its batches are only as wide as their own longest
+    prompt (prompts go longest first, so later batches prefill less).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
@@ -130,7 +132,7 @@ def generate_responses(
     try:
         for first in range(0, len(order), batch_size):
             rows = order[first : first + batch_size]
-            width = fixed_width or max(len(prompt_ids[i]) for i in rows)
+            width = fixed_width if engine == "hf-static" else max(len(prompt_ids[i]) for i in rows)
             height = min(batch_size, len(order)) if static_shapes else len(rows)
             input_ids = torch.full((height, width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((height, width), dtype=torch.long)
