@@ -118,54 +118,61 @@ def test_train_cli_time_budget_replans_the_run(target_dir, data_file, tmp_path):
         assert refused.returncode == 2 and "--time-budget-minutes" in refused.stderr
 
 
-def test_train_cli_under_torchrun_and_accelerate_with_gloo(target_dir, data_file, tmp_path):
-    """Two CPU processes (gloo): each trains on its own shard, DDP averages gradients, so both end with the very
-    same weights; only rank 0 evaluates and writes. `accelerate launch` gives the same run."""
-    common = ["--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
-              "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
-              "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--no-progress", "--no-plot"]
-    out = tmp_path / "ddp"
-    result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", *common, "--output", str(out),
+def two_process_train_args(target_dir, data_file) -> list[str]:
+    """`dflash-hf train` arguments of the 2-process runs below (all but --output and the launcher)."""
+    return ["train", "--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
+            "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
+            "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--eval-every", "2", "--no-progress",
+            "--no-plot", "--save-dtype", "float32"]
+
+
+def torchrun_train(target_dir, data_file, out, *extra: str) -> tuple[dict, dict]:
+    """`torchrun --nproc_per_node=2 -m dflash_hf train ...` on CPU (gloo): `(metrics.json, drafter weights)`."""
+    from safetensors.torch import load_file
+
+    result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf",
+                     *two_process_train_args(target_dir, data_file), "--output", str(out), *extra,
                      module=("-m", "torch.distributed.run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    return json.loads((out / "metrics.json").read_text()), load_file(out / "drafter" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(target_dir, data_file, tmp_path_factory) -> tuple[dict, dict]:
+    """The 2-process DDP run with a whole target per process, which the other 2-process runs are compared with."""
+    return torchrun_train(target_dir, data_file, tmp_path_factory.mktemp("ddp") / "out")
+
+
+def test_train_cli_under_torchrun_and_accelerate_with_gloo(ddp_run, target_dir, data_file, tmp_path):
+    """Two CPU processes (gloo): each trains on its own shard, DDP averages gradients, so both end with the very
+    same weights; only rank 0 evaluates and writes. `accelerate launch` gives the same run."""
+    metrics, _ = ddp_run
     assert metrics["extra"]["world_size"] == 2 and metrics["steps"] == 3
     checksums = metrics["extra"]["rank_parameter_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
-    assert [e["step"] for e in metrics["evals"]] == [0, 3]
-    assert (out / "drafter" / "model.safetensors").is_file()
+    assert [e["step"] for e in metrics["evals"]] == [0, 2, 3]
 
     # `accelerate launch` starts the same 2 processes (its multi-process launcher runs torchrun's; without GPUs the
     # command picks gloo): the same drafter, weight for weight.
     out = tmp_path / "accelerate"
     result = run_cli("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                     "--dynamo_backend", "no", "-m", "dflash_hf", "train", *common, "--output", str(out),
-                     module=("-m", "accelerate.commands.launch"))
+                     "--dynamo_backend", "no", "-m", "dflash_hf", *two_process_train_args(target_dir, data_file),
+                     "--output", str(out), module=("-m", "accelerate.commands.launch"))
     assert result.returncode == 0, result.stderr[-3000:]
     launched = json.loads((out / "metrics.json").read_text())
     assert launched["extra"]["world_size"] == 2
     assert launched["extra"]["rank_parameter_checksums"] == checksums
+    assert (out / "drafter" / "model.safetensors").is_file()
 
 
-def test_train_cli_shards_the_target_under_torchrun(target_dir, data_file, tmp_path):
+def test_train_cli_shards_the_target_under_torchrun(ddp_run, target_dir, data_file, tmp_path):
     """--shard-target: the target's decoder layers are split over the 2 gloo processes (FSDP2), each holding half of
     them, and every process joins the evaluations. Gathering a layer's weights is exact, so the drafter is the very
     one a run with a whole target per process trains: same weights, same held-out tau."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    common = ["--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
-              "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "2", "--num-anchors", "8",
-              "--eval-per-category", "1", "--eval-max-new-tokens", "8", "--eval-every", "2", "--no-progress",
-              "--no-plot", "--save-dtype", "float32"]
-    runs = {}
-    for name, extra in (("whole", []), ("sharded", ["--shard-target"])):
-        out = tmp_path / name
-        result = run_cli("--standalone", "--nproc_per_node=2", "-m", "dflash_hf", "train", *common, "--output",
-                         str(out), *extra, module=("-m", "torch.distributed.run"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = (json.loads((out / "metrics.json").read_text()), load_file(out / "drafter" / "model.safetensors"))
-    (whole, whole_weights), (sharded, sharded_weights) = runs["whole"], runs["sharded"]
+    whole, whole_weights = ddp_run
+    sharded, sharded_weights = torchrun_train(target_dir, data_file, tmp_path / "sharded", "--shard-target")
 
     assert sharded["extra"]["target_sharded"] is True and whole["extra"]["target_sharded"] is False
     model = AutoModelForCausalLM.from_pretrained(target_dir)
