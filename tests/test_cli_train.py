@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -95,6 +96,25 @@ def test_train_cli_writes_a_loadable_drafter_and_metrics(target_dir, data_file, 
     drafter = DFlashDraftModel.from_pretrained(out / "drafter", dtype=torch.float32)
     assert drafter.config.target_layer_ids == [1, 2] and drafter.config.block_size == 4
     assert drafter.config.mask_token_id == 4  # <|spare|>: the unused special token of the tiny tokenizer
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_train_cli_compile_trains_the_same_drafter(target_dir, data_file, tmp_path):
+    """`train --compile` compiles the step and takes the same steps as the eager run (same losses, same weights)."""
+    args = ["train", "--target", str(target_dir), "--data", str(data_file), "--num-layers", "1", "--block-size", "4",
+            "--target-layer-ids", "1,2", "--max-steps", "3", "--batch-size", "4", "--num-anchors", "8",
+            "--eval-per-category", "1", "--eval-max-new-tokens", "4", "--no-progress", "--no-plot"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = run_cli(*args, "--output", str(tmp_path / name), *extra)
+        assert result.returncode == 0, result.stderr
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["compiled"]["extra"]["compile"] and not runs["eager"]["extra"]["compile"]
+    assert runs["compiled"]["history"][-1]["loss"] == pytest.approx(runs["eager"]["history"][-1]["loss"], rel=1e-4)
+    weights = [DFlashDraftModel.from_pretrained(tmp_path / name / "drafter", dtype=torch.float32) for name in runs]
+    for a, b in zip(weights[0].parameters(), weights[1].parameters()):
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-2)  # saved in bf16
 
 
 def test_train_cli_time_budget_replans_the_run(target_dir, data_file, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from dflash_hf.training import (
     make_data,
     new_drafter_config,
     pack_blocks,
+    packed_loss,
     packed_visibility,
     pick_mask_token_id,
     sample_anchors,
@@ -31,6 +33,7 @@ from dflash_hf.training import (
     train_drafter,
 )
 from dflash_hf.training.data import ENGINES
+from dflash_hf.training.packed import default_blocks_per_group
 from dflash_hf.training.recipe import WarmupCosine, budgeted_total_steps
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,17 +50,21 @@ def _features_for_prefix(target, ids, a, layer_ids):
     return target_features(target, ids[None, :a], torch.ones(1, a, dtype=torch.long), layer_ids)
 
 
+@pytest.mark.parametrize("blocks_per_group", [None, 1, 2], ids=["one-group", "groups-of-1", "groups-of-2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize(
     "layer_types,window",
     [(None, None), (["sliding_attention", "full_attention", "sliding_attention"], 6)],
     ids=["full", "sliding+full"],
 )
-def test_packed_forward_equals_separate_block_forwards(layer_types, window):
+def test_packed_forward_equals_separate_block_forwards(layer_types, window, attn, blocks_per_group):
     """Every block row of the packed forward equals the inference call for that block alone: the drafter over the
-    features of positions < a (a fresh target forward of the prefix) with the inference-time mask."""
+    features of positions < a (a fresh target forward of the prefix) with the inference-time mask, whatever the
+    grouping of the blocks for attention and the attention implementation."""
     target = tiny_target("qwen3", layers=5)
     drafter = tiny_drafter(target, layers=3 if layer_types else 2, block_size=4, layer_types=layer_types,
                            sliding_window=window)
+    drafter.config._attn_implementation = attn
     B = 4
     seqs = [random_prompt(22, seed=1)[0], random_prompt(13, seed=2)[0]]
     examples = as_examples([{"input_ids": s, "loss_mask": torch.arange(len(s)) >= 4} for s in seqs])
@@ -67,9 +74,11 @@ def test_packed_forward_equals_separate_block_forwards(layer_types, window):
     ids = drafter.config.target_layer_ids
     features = target_features(target, batch.input_ids, batch.attention_mask, ids)
     noise = embed_block(drafter, target, batch.block_ids)
-    masks = layer_attention_masks(drafter.config, batch.anchors, batch.input_ids.shape[1], dtype=torch.float32)
+    masks = layer_attention_masks(drafter.config, batch.anchors, batch.input_ids.shape[1], dtype=torch.float32,
+                                  blocks_per_group=blocks_per_group)
     with torch.no_grad():
         packed = PackedDrafter(drafter)(noise, features, batch.position_ids, masks)
+    assert drafter.config._attn_implementation == attn  # restored after the packed call
     for i, seq_anchors in enumerate(anchors):
         for j, a in enumerate(seq_anchors.tolist()):
             block = torch.full((1, B), MASK_ID)
@@ -81,9 +90,10 @@ def test_packed_forward_equals_separate_block_forwards(layer_types, window):
                     position_ids=torch.arange(a + B)[None],
                 ).last_hidden_state[0]
             torch.testing.assert_close(packed[i, j * B : (j + 1) * B], alone, atol=2e-5, rtol=1e-4)
-    if layer_types:
+    if layer_types and attn == "sdpa":
         # The per-layer masks matter: one full-attention mask for every layer gives different rows.
-        full = packed_visibility(batch.anchors, batch.input_ids.shape[1], B, causal=False, window=None)
+        full = packed_visibility(batch.anchors, batch.input_ids.shape[1], B, causal=False, window=None,
+                                 blocks_per_group=blocks_per_group)
         with torch.no_grad():
             wrong = PackedDrafter(drafter)(noise, features, batch.position_ids, [full, full.clone(), full.clone()])
         assert (wrong - packed).abs().max() > 1e-3
@@ -109,6 +119,77 @@ def test_packed_visibility_matches_definition():
                             for kk in range(B):
                                 expect = kj == qj and (not causal or kk <= qk) and (window is None or abs(qk - kk) < window)
                                 assert bool(visible[b, 0, qj * B + qk, T + kj * B + kk]) == expect
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, 3)])
+@pytest.mark.parametrize("blocks_per_group", [1, 2, 3])
+def test_grouped_visibility_is_the_full_mask_cut_into_groups(blocks_per_group, causal, window):
+    """Group n of sequence i holds query rows n*g*B .. of the one-group mask, over the context keys and the group's
+    own block keys; every key the one-group mask shows a row lies inside the row's group."""
+    anchors = torch.tensor([[2, 5, 6, 9, 11, 12], [3, 0, 4, 7, 8, 1]])
+    T, B, g = 14, 3, blocks_per_group
+    full = packed_visibility(anchors, T, B, causal=causal, window=window)
+    grouped = packed_visibility(anchors, T, B, causal=causal, window=window, blocks_per_group=g)
+    G, rows = 6 // g, g * B
+    assert grouped.shape == (2 * G, 1, rows, T + rows)
+    for i in range(2):
+        for n in range(G):
+            q = slice(n * rows, (n + 1) * rows)
+            assert torch.equal(grouped[i * G + n, 0, :, :T], full[i, 0, q, :T])
+            assert torch.equal(grouped[i * G + n, 0, :, T:], full[i, 0, q, T + n * rows : T + (n + 1) * rows])
+    assert int(grouped.sum()) == int(full.sum())
+    with pytest.raises(ValueError, match="blocks_per_group=4 must divide the 6 blocks"):
+        packed_visibility(anchors, T, B, causal=causal, window=window, blocks_per_group=4)
+
+
+def test_default_blocks_per_group_fills_128_rows():
+    assert default_blocks_per_group(96, 16) == 8
+    assert default_blocks_per_group(90, 16) == 6  # the largest divisor of 90 that fits 128 rows
+    assert default_blocks_per_group(37, 16) == 1
+    assert default_blocks_per_group(3, 4) == 3
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain-head", "softcapped-head"])
+def test_chunked_head_loss_equals_one_cross_entropy(softcap):
+    """The loss and the drafter's gradients of the chunked head loss equal one cross-entropy over all logits."""
+    target = tiny_target("qwen3", layers=5).requires_grad_(False)  # frozen, as in train_drafter
+    extra = {"final_logit_softcapping": softcap} if softcap else {}
+    drafter = tiny_drafter(target, layers=2, block_size=4, **extra).train()
+    B = 4
+    seqs = [random_prompt(22, seed=1)[0], random_prompt(15, seed=2)[0]]
+    examples = as_examples([{"input_ids": s, "loss_mask": torch.arange(len(s)) >= 4} for s in seqs])
+    batch = pack_blocks(examples, [torch.tensor([4, 9, 13, 17]), torch.tensor([5, 11])], block_size=B,
+                        mask_token_id=MASK_ID, gamma=2.0)
+    features = target_features(target, batch.input_ids, batch.attention_mask, drafter.config.target_layer_ids)
+    noise = embed_block(drafter, target, batch.block_ids)
+    masks = layer_attention_masks(drafter.config, batch.anchors, batch.input_ids.shape[1], dtype=torch.float32)
+    lm_head = target.get_output_embeddings()
+
+    def loss_and_grads(chunk_rows):
+        drafter.zero_grad()
+        hidden = PackedDrafter(drafter)(noise, features, batch.position_ids, masks)
+        if chunk_rows is None:  # the reference: every logit at once, plain cross-entropy
+            rows = hidden.view(2, 4, B, -1)[:, :, 1:][batch.labels != -100]
+            ce = torch.nn.functional.cross_entropy(drafter.compute_logits(rows, lm_head).float(),
+                                                   batch.labels[batch.labels != -100], reduction="none")
+            w = batch.weights[batch.labels != -100]
+            loss, rows_trained = (ce * w).sum() / w.sum(), len(rows)
+        else:
+            loss, stats = packed_loss(drafter, hidden, batch, lm_head, chunk_rows=chunk_rows)
+            rows_trained = stats["rows"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in drafter.parameters()], rows_trained
+
+    ref_loss, ref_grads, n = loss_and_grads(None)
+    assert n > 5  # several chunks below
+    for chunk_rows in (1, 5, 10_000):
+        loss, grads, _ = loss_and_grads(chunk_rows)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
+    target.lm_head.requires_grad_(True)
+    with pytest.raises(ValueError, match="LM head must be frozen"):
+        loss_and_grads(5)
 
 
 def test_pack_blocks_layout_labels_and_weights():
@@ -179,6 +260,29 @@ def test_time_budget_stops_training_and_still_saves(tmp_path):
                           progress=False)
     assert roomy.steps == 35 and "stopped_by_time_budget" not in roomy.extra
     assert roomy.extra["calibration_seconds_per_step"] > 0
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_step_follows_the_eager_one():
+    """compile=True (torch.compile of the packed forward and the head loss, context padded to a multiple of 64) takes
+    the same steps as the eager recipe: the same losses and weights, up to the compiler's reordering of sums."""
+    target = tiny_target("qwen3", layers=3).requires_grad_(False)
+    data = [torch.randint(6, 90, (int(n),), generator=torch.Generator().manual_seed(i))
+            for i, n in enumerate(torch.randint(20, 40, (8,), generator=torch.Generator().manual_seed(0)))]
+    runs = {}
+    for compile in (False, True):
+        drafter = tiny_drafter(target, layers=2, block_size=4, layer_ids=[1, 2]).train()
+        result = train_drafter(target, drafter, data, max_steps=4, batch_size=4, num_anchors=6, lr=3e-3, log_every=1,
+                               compile=compile, progress=False, plot=False)
+        runs[compile] = (result, drafter)
+    (eager, eager_drafter), (compiled, compiled_drafter) = runs[False], runs[True]
+    assert compiled.extra["compile"] and not eager.extra["compile"]
+    losses = [[h["loss"] for h in r.history] for r in (eager, compiled)]
+    assert len(losses[0]) == 4 and losses[0][0] != losses[0][-1]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for a, b in zip(eager_drafter.parameters(), compiled_drafter.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
 def test_sample_anchors_only_on_response_positions():

@@ -13,17 +13,15 @@ token after the first), which is how tests get a small trained drafter quickly:
 """
 
 from .data import as_examples, encode_prompt, generate_responses, load_jsonl, make_data, pad_token_id
+from .packed import PackedDrafter, layer_attention_masks, packed_visibility
 from .recipe import (
-    PackedDrafter,
     TrainResult,
     count_parameters,
     default_gamma,
     evaluate_tau,
-    layer_attention_masks,
     new_drafter_config,
     pack_blocks,
     packed_loss,
-    packed_visibility,
     pick_mask_token_id,
     plot_curves,
     sample_anchors,

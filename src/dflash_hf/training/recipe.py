@@ -11,10 +11,12 @@ One training step, for a batch of sequences (chat prompt + the target's own resp
    the keys `[context (T rows) ; all block rows (Q)]`, with a mask in which a block row sees the context keys with
    index `< a` (the features of the anchor itself do not exist yet at inference), its own block (bidirectionally on
    full layers; causal with a window on sliding layers, as at inference) and no other block. This is exactly the
-   inference computation of every block at once (tests/test_training.py checks it row by row).
+   inference computation of every block at once (tests/test_training.py checks it row by row). The attention runs
+   on groups of blocks (128 query rows), each over `[context ; its own blocks]`, so the masked-off block keys cost
+   nothing (`dflash_hf.training.packed`).
 4. **Loss.** Row `k >= 1` of a block predicts the token at `a + k` through the target's (frozen) LM head; row 0 is
    excluded. Cross-entropy on response tokens with weight `exp(-(k - 1) / gamma)` (gamma = 7 for B = 16), normalised
-   by the total weight.
+   by the total weight. The logits exist a chunk of rows at a time (`dflash_hf.training.head_loss`).
 
 AdamW, linear warmup then cosine decay, gradient clipping at 1.0, bf16 autocast on GPU. Only the drafter's own
 weights (`fc`, `hidden_norm`, layers, `norm`) train; the target's embedding and head are shared, never copied.
@@ -36,7 +38,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dflash_hf.modeling.configuration_dflash import DFlashConfig, build_target_layer_ids
@@ -44,7 +45,9 @@ from dflash_hf.modeling.generation_dflash import TargetFeatureCapture, embed_blo
 from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 
 from .data import as_examples
+from .head_loss import CHUNK_ELEMENTS, head_cross_entropy
 from .loading import is_sharded
+from .packed import PackedDrafter, layer_attention_masks
 
 # Published loss-decay constants: gamma = 7 for B = 16 (community repro, MiMo), gamma = 4 for B = 8 (ModelOpt).
 _PUBLISHED_GAMMA = {16: 7.0, 8: 4.0}
@@ -259,14 +262,17 @@ def pack_blocks(
     mask_token_id: int,
     gamma: float,
     pad_token_id: int = 0,
+    pad_to: int = 16,
 ) -> PackedBatch:
     """Lay out the blocks of `anchors[i]` (positions in `examples[i]`) for one packed forward. Block j of a sequence
-    occupies query rows `j*B .. j*B+B-1`; sequences with fewer blocks get dummy blocks at anchor 0 with no labels."""
+    occupies query rows `j*B .. j*B+B-1`; sequences with fewer blocks get dummy blocks at anchor 0 with no labels.
+    The context length is rounded up to a multiple of `pad_to`."""
     B = block_size
     b = len(examples)
-    # Context length rounded up to a multiple of 16: the key axis T + Q then stays aligned, which the fused sdpa
-    # kernels want for an explicit mask (the extra positions are padding, masked like any other).
-    T = -(-max(int(e["input_ids"].numel()) for e in examples) // 16) * 16
+    # Context length rounded up to a multiple of `pad_to` (16): the key axis T + Q then stays aligned, which the
+    # fused sdpa kernels want for an explicit mask (the extra positions are padding, masked like any other). A
+    # compiled step uses a coarser multiple, so that few distinct shapes reach the compiler.
+    T = -(-max(int(e["input_ids"].numel()) for e in examples) // pad_to) * pad_to
     m = max(max(int(a.numel()) for a in anchors), 1)
     input_ids = torch.full((b, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, T), dtype=torch.long)
@@ -296,82 +302,6 @@ def pack_blocks(
                        labels, weights)
 
 
-def packed_visibility(
-    anchors: torch.Tensor, ctx_len: int, block_size: int, *, causal: bool, window: int | None
-) -> torch.Tensor:
-    """Bool `[b, 1, Q, T + Q]`: True where query row (block j, offset k) may attend to the key.
-
-    Context key t is visible iff `t < a_j` (and, with a window, `(a_j + k) - t < window`); block key (j', k') iff
-    `j' == j`, plus `k' <= k` on causal layers and `|k - k'| < window` on windowed ones. This mirrors
-    `build_block_attention_mask` at inference, where the draft cache holds exactly the context rows `0 .. a_j - 1`.
-    """
-    b, m = anchors.shape
-    B, device = block_size, anchors.device
-    q_anchor = anchors.repeat_interleave(B, dim=1)  # [b, Q]
-    q_offset = torch.arange(B, device=device).repeat(m)  # [Q]
-    q_block = torch.arange(m, device=device).repeat_interleave(B)  # [Q]
-    t = torch.arange(ctx_len, device=device)
-    ctx = t[None, None, :] < q_anchor[:, :, None]  # [b, Q, T]
-    if window is not None:
-        ctx &= (q_anchor[:, :, None] + q_offset[None, :, None] - t[None, None, :]) < window
-    own = q_block[:, None] == q_block[None, :]  # [Q, Q]
-    delta = q_offset[:, None] - q_offset[None, :]  # query offset - key offset
-    if causal:
-        own &= delta >= 0
-    if window is not None:
-        own &= delta.abs() < window
-    return torch.cat([ctx, own.expand(b, -1, -1)], dim=-1)[:, None]
-
-
-def layer_attention_masks(
-    config: DFlashConfig, anchors: torch.Tensor, ctx_len: int, *, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """One 4D mask per drafter layer (layers with the same pattern share one tensor). sdpa gets a bool mask
-    (valid whatever the compute dtype under autocast); eager gets the additive form in `dtype`."""
-    by_pattern: dict[tuple, torch.Tensor] = {}
-    masks = []
-    additive = config._attn_implementation == "eager"
-    for i in range(config.num_hidden_layers):
-        pattern = (config.layer_is_causal(i), config.layer_window(i))
-        if pattern not in by_pattern:
-            visible = packed_visibility(anchors, ctx_len, config.block_size, causal=pattern[0], window=pattern[1])
-            if additive:
-                visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-                    ~visible, torch.finfo(dtype).min
-                )
-            by_pattern[pattern] = visible
-        masks.append(by_pattern[pattern])
-    return masks
-
-
-class PackedDrafter(nn.Module):
-    """Runs a drafter over all packed blocks at once (wrap this in DDP; the drafter is its only submodule).
-
-    forward(noise `[b, Q, H]`, features `[b, T, k*H]`, position_ids `[b, T + Q]`, layer_masks) -> `[b, Q, H]`.
-    When every layer shares one mask this is `drafter.forward` with a ready 4D mask; drafters that mix full and
-    sliding layers need one mask per layer, so their layers are called one by one (the same modules, in the same
-    order as `DFlashDraftModel.forward`).
-    """
-
-    def __init__(self, drafter: DFlashDraftModel):
-        super().__init__()
-        self.drafter = drafter
-
-    def forward(self, noise, features, position_ids, layer_masks):
-        drafter = self.drafter
-        if all(mask is layer_masks[0] for mask in layer_masks):
-            return drafter(
-                noise_embeds=noise, context_hidden_states=features, position_ids=position_ids,
-                attention_mask=layer_masks[0],
-            ).last_hidden_state
-        context = drafter.project_context(features.to(drafter.fc.weight.dtype))
-        hidden = noise.to(drafter.fc.weight.dtype)
-        position_embeddings = drafter.rotary_emb(hidden, position_ids)
-        for layer, mask in zip(drafter.layers, layer_masks):
-            hidden = layer(hidden, context, position_embeddings, mask)
-        return drafter.norm(hidden)
-
-
 @torch.no_grad()
 def target_features(target: nn.Module, input_ids, attention_mask, layer_ids: Sequence[int]) -> torch.Tensor:
     """`[b, T, len(ids) * H]`: outputs of the `layer_ids` decoder layers of the frozen target (HF hs[i + 1])."""
@@ -383,23 +313,29 @@ def target_features(target: nn.Module, input_ids, attention_mask, layer_ids: Seq
         return capture.features()
 
 
-def packed_loss(drafter: DFlashDraftModel, hidden: torch.Tensor, batch: PackedBatch, lm_head: nn.Module):
+def packed_loss(drafter: DFlashDraftModel, hidden: torch.Tensor, batch: PackedBatch, lm_head: nn.Module,
+                chunk_rows: int | None = None, compile: bool = False):
     """Weighted CE of rows k >= 1 on their labels; returns (loss, stats dict of floats).
 
     hidden `[b, Q, H]` from the packed forward. Logits are computed only for the trained rows (the head is
-    `vocab x H`, by far the largest matmul of the step).
+    `vocab x H`, by far the largest matmul of the step), `chunk_rows` rows at a time (`head_cross_entropy`; default
+    `CHUNK_ELEMENTS // vocab`), compiled if `compile`.
     """
     b, m, width = batch.labels.shape
     hidden = hidden.view(b, m, width + 1, -1)[:, :, 1:]  # drop row 0 (the anchor)
     trained = batch.labels != -100
-    logits = drafter.compute_logits(hidden[trained], lm_head).float()  # [N, V]
     targets = batch.labels[trained]
     weights = batch.weights[trained]
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    loss = (ce * weights).sum() / weights.sum().clamp_min(1e-9)
+    if any(p.requires_grad for p in lm_head.parameters()):
+        raise ValueError("The target's LM head must be frozen (requires_grad=False): the drafter's loss passes "
+                         "gradients to the drafter only; call target.requires_grad_(False).")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // lm_head.weight.shape[0])
+    loss, hits = head_cross_entropy(hidden[trained], targets, weights / weights.sum().clamp_min(1e-9),
+                                    drafter.compute_logits, lm_head, chunk_rows, compile)
     with torch.no_grad():
         correct = torch.zeros_like(trained)
-        correct[trained] = logits.argmax(-1) == targets
+        correct[trained] = hits
         # Teacher-forced acceptance estimate: 1 + leading correct drafts per block (the bonus token counts, as tau).
         accepted = correct.long().cumprod(-1).sum(-1)
         valid = batch.block_valid
@@ -612,6 +548,7 @@ def train_drafter(
     plot: bool = True,
     progress: bool = True,
     run_info: dict | None = None,
+    compile: bool = False,
 ) -> TrainResult:
     """Train `drafter` for `target` on `dataset` with the published recipe (see the module docstring).
 
@@ -630,6 +567,8 @@ def train_drafter(
         gamma: loss decay over block rows (default 7 for B = 16).
         max_length: truncate sequences to this many tokens.
         autocast: bf16 autocast; default on for CUDA.
+        compile: torch.compile the packed drafter forward and the head loss (static shapes: the context length is
+            padded to a multiple of 64 so few shapes reach the compiler; the first steps pay the compilation).
         eval_set: `{category, input_ids}` prompts for tau with the real decode loop, at step 0, every `eval_every`
             steps and at the end (rank 0 only).
         output_dir: where `drafter/` (final weights), `checkpoints/step-N/`, `metrics.json` and `curves.png` go.
@@ -684,6 +623,8 @@ def train_drafter(
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(packed, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        model = torch.compile(model, dynamic=False)  # dynamic shapes hit an inductor assertion on torch 2.11
 
     per_rank = len(examples) // world
     if per_rank < 1:
@@ -713,7 +654,7 @@ def train_drafter(
         target_sharded=sharded_target, target_parameters_per_rank=local_target,
         world_size=world, steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup,
         sequences=len(examples), gamma=gamma, batch_size=batch_size, num_anchors=num_anchors, lr=lr,
-        drafter_parameters=sum(p.numel() for p in drafter.parameters()), time_budget=time_budget,
+        drafter_parameters=sum(p.numel() for p in drafter.parameters()), time_budget=time_budget, compile=compile,
     )
 
     def run_eval(step: int) -> None:
@@ -760,7 +701,7 @@ def train_drafter(
                 for e, i in zip(chosen, indices)
             ]
             batch = pack_blocks(chosen, anchors, block_size=config.block_size, mask_token_id=config.mask_token_id,
-                                gamma=gamma, pad_token_id=pad_token_id).to(device)
+                                gamma=gamma, pad_token_id=pad_token_id, pad_to=64 if compile else 16).to(device)
             features_started = time.perf_counter()
             # pack_blocks pads on the right, so under causal attention no real position ever sees a pad and the
             # features of real positions are the same without the mask; padded positions are never visible to a
@@ -773,7 +714,7 @@ def train_drafter(
             masks = layer_attention_masks(config, batch.anchors, batch.input_ids.shape[1], dtype=mask_dtype)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 hidden = model(noise, features, batch.position_ids, masks)
-                loss, stats = packed_loss(drafter, hidden, batch, lm_head)
+                loss, stats = packed_loss(drafter, hidden, batch, lm_head, compile=compile)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), grad_clip)
@@ -904,8 +845,7 @@ def plot_curves(result: TrainResult, path: str | os.PathLike) -> Path | None:
 
 
 __all__ = [
-    "PackedBatch", "PackedDrafter", "TrainResult", "anchor_candidates", "count_parameters", "default_gamma",
-    "evaluate_tau", "layer_attention_masks", "new_drafter_config", "pack_blocks", "packed_loss",
-    "packed_visibility", "pick_mask_token_id", "plot_curves", "sample_anchors", "save_drafter", "target_features",
+    "PackedBatch", "TrainResult", "anchor_candidates", "count_parameters", "default_gamma",
+    "evaluate_tau", "new_drafter_config", "pack_blocks", "packed_loss", "pick_mask_token_id", "plot_curves", "sample_anchors", "save_drafter", "target_features",
     "train_drafter", "write_metrics",
 ]
