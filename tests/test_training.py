@@ -33,6 +33,7 @@ from dflash_hf.training import (
     train_drafter,
 )
 from dflash_hf.training.data import ENGINES
+from dflash_hf.training.head_loss import MAX_CHUNK_ROWS, default_chunk_rows
 from dflash_hf.training.packed import default_blocks_per_group
 from dflash_hf.training.recipe import WarmupCosine, budgeted_total_steps
 
@@ -140,6 +141,12 @@ def test_grouped_visibility_is_the_full_mask_cut_into_groups(blocks_per_group, c
     assert int(grouped.sum()) == int(full.sum())
     with pytest.raises(ValueError, match="blocks_per_group=4 must divide the 6 blocks"):
         packed_visibility(anchors, T, B, causal=causal, window=window, blocks_per_group=4)
+
+
+def test_default_chunk_rows_bounds_the_logits_and_the_padding():
+    assert default_chunk_rows(49152) == 5461  # SmolLM2: ~1 GiB of fp32 logits a chunk
+    assert default_chunk_rows(151936) == 1766  # Qwen3
+    assert default_chunk_rows(96) == MAX_CHUNK_ROWS  # a tiny vocabulary: the row cap
 
 
 def test_default_blocks_per_group_fills_128_rows():

@@ -14,8 +14,15 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-# Logits elements per chunk (~1 GiB in fp32): large enough to keep the head matmul efficient.
+# Logits elements per chunk (~1 GiB in fp32): large enough to keep the head matmul efficient. The row cap bounds the
+# padding of a compiled step's last chunk when the vocabulary is small.
 CHUNK_ELEMENTS = 2**28
+MAX_CHUNK_ROWS = 8192
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk for a `vocab_size`-wide head: `CHUNK_ELEMENTS // vocab_size`, at most `MAX_CHUNK_ROWS`."""
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size))
 
 
 def _chunk_loss(logits_fn, head, rows, targets, weights):
@@ -83,12 +90,13 @@ def head_cross_entropy(
     """`sum_i weights[i] * CE(logits_fn(hidden[i], head), targets[i])` and whether each row's argmax is its target.
 
     hidden `[N, H]` (differentiable), targets `[N]`, weights `[N]`; `logits_fn(rows, head)` maps `[n, H]` to `[n, V]`
-    through the frozen `head` (gradients reach `hidden` only), `chunk_rows` rows at a time (`CHUNK_ELEMENTS // V` is a
-    good size), with torch.compile if `compile`. Returns (scalar fp32 loss, bool `[N]`).
+    through the frozen `head` (gradients reach `hidden` only), `chunk_rows` rows at a time (`default_chunk_rows(V)`),
+    with torch.compile if `compile` (every chunk then padded to `chunk_rows` rows, one compiled shape). Returns
+    (scalar fp32 loss, bool `[N]`).
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0, torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return _ChunkedHeadCrossEntropy.apply(hidden, targets, weights, logits_fn, head, int(chunk_rows), bool(compile))
 
 
-__all__ = ["CHUNK_ELEMENTS", "head_cross_entropy"]
+__all__ = ["CHUNK_ELEMENTS", "MAX_CHUNK_ROWS", "default_chunk_rows", "head_cross_entropy"]

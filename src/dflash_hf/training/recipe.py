@@ -45,7 +45,7 @@ from dflash_hf.modeling.generation_dflash import TargetFeatureCapture, embed_blo
 from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 
 from .data import as_examples
-from .head_loss import CHUNK_ELEMENTS, head_cross_entropy
+from .head_loss import default_chunk_rows, head_cross_entropy
 from .loading import is_sharded
 from .packed import PackedDrafter, layer_attention_masks
 
@@ -319,7 +319,7 @@ def packed_loss(drafter: DFlashDraftModel, hidden: torch.Tensor, batch: PackedBa
 
     hidden `[b, Q, H]` from the packed forward. Logits are computed only for the trained rows (the head is
     `vocab x H`, by far the largest matmul of the step), `chunk_rows` rows at a time (`head_cross_entropy`; default
-    `CHUNK_ELEMENTS // vocab`), compiled if `compile`.
+    `default_chunk_rows(vocab)`), compiled if `compile`.
     """
     b, m, width = batch.labels.shape
     hidden = hidden.view(b, m, width + 1, -1)[:, :, 1:]  # drop row 0 (the anchor)
@@ -330,7 +330,7 @@ def packed_loss(drafter: DFlashDraftModel, hidden: torch.Tensor, batch: PackedBa
         raise ValueError("The target's LM head must be frozen (requires_grad=False): the drafter's loss passes "
                          "gradients to the drafter only; call target.requires_grad_(False).")
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // lm_head.weight.shape[0])
+        chunk_rows = default_chunk_rows(lm_head.weight.shape[0])
     loss, hits = head_cross_entropy(hidden[trained], targets, weights / weights.sum().clamp_min(1e-9),
                                     drafter.compute_logits, lm_head, chunk_rows, compile)
     with torch.no_grad():
