@@ -292,6 +292,17 @@ def test_compiled_training_step_follows_the_eager_one():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_attention_that_cannot_take_the_packed_mask_is_refused_before_training(attn):
+    target = tiny_target("qwen3", layers=3)
+    drafter = tiny_drafter(target, layers=1, block_size=4, layer_ids=[1, 2])
+    drafter.config._attn_implementation = attn
+    data = [torch.randint(6, 90, (30,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with pytest.raises(ValueError, match=f"attn_implementation='{attn}', which cannot apply the packed block mask"):
+        train_drafter(target, drafter, data, max_steps=1, batch_size=2, num_anchors=4, progress=False, plot=False)
+    assert drafter.config._attn_implementation == attn
+
+
 def test_sample_anchors_only_on_response_positions():
     loss_mask = torch.tensor([0] * 5 + [1] * 20 + [0, 0])
     g = torch.Generator().manual_seed(0)

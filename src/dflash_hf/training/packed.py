@@ -129,6 +129,18 @@ for _base, _name in _GROUPED.items():
     AttentionInterface.register(_name, _grouped(_base))
 
 
+def packed_attention(implementation: str | None) -> str:
+    """The registered grouped attention that runs a drafter's `implementation` on the packed layout; raises for
+    implementations that cannot take the packed mask (flash, flex)."""
+    base = implementation or "eager"
+    if base not in _GROUPED:
+        raise ValueError(
+            f"The drafter uses attn_implementation={base!r}, which cannot apply the packed block mask; load or "
+            "build it with attn_implementation='sdpa' (or 'eager') for training."
+        )
+    return _GROUPED[base]
+
+
 class PackedDrafter(nn.Module):
     """Runs a drafter over all packed blocks at once (wrap this in DDP; the drafter is its only submodule).
 
@@ -145,13 +157,8 @@ class PackedDrafter(nn.Module):
 
     def forward(self, noise, features, position_ids, layer_masks):
         drafter = self.drafter
-        base = drafter.config._attn_implementation or "eager"
-        if base not in _GROUPED:
-            raise ValueError(
-                f"The drafter uses attn_implementation={base!r}, which cannot apply the packed block mask; load or "
-                "build it with attn_implementation='sdpa' (or 'eager') for training."
-            )
-        drafter.config._attn_implementation = _GROUPED[base]
+        base = drafter.config._attn_implementation
+        drafter.config._attn_implementation = packed_attention(base)
         try:
             if all(mask is layer_masks[0] for mask in layer_masks):
                 return drafter(
@@ -168,4 +175,5 @@ class PackedDrafter(nn.Module):
             drafter.config._attn_implementation = base
 
 
-__all__ = ["GROUP_ROWS", "PackedDrafter", "default_blocks_per_group", "layer_attention_masks", "packed_visibility"]
+__all__ = ["GROUP_ROWS", "PackedDrafter", "default_blocks_per_group", "layer_attention_masks", "packed_attention",
+           "packed_visibility"]

@@ -47,7 +47,7 @@ from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 from .data import as_examples
 from .head_loss import default_chunk_rows, head_cross_entropy
 from .loading import is_sharded
-from .packed import PackedDrafter, layer_attention_masks
+from .packed import PackedDrafter, layer_attention_masks, packed_attention
 
 # Published loss-decay constants: gamma = 7 for B = 16 (community repro, MiMo), gamma = 4 for B = 8 (ModelOpt).
 _PUBLISHED_GAMMA = {16: 7.0, 8: 4.0}
@@ -592,11 +592,7 @@ def train_drafter(
             )
     device = next(target.parameters()).device
     config: DFlashConfig = drafter.config
-    if str(config._attn_implementation).startswith("flash"):
-        raise ValueError(
-            f"The drafter uses attn_implementation={config._attn_implementation!r}, which cannot apply the packed "
-            "block mask; load or build it with attn_implementation='sdpa' for training."
-        )
+    packed_attention(config._attn_implementation)  # raises before any work for attention the packing cannot use
     if num_anchors < 1 or batch_size < 1:
         raise ValueError(f"num_anchors={num_anchors} and batch_size={batch_size} must be >= 1.")
     if max_steps is None and epochs < 1:
@@ -845,7 +841,7 @@ def plot_curves(result: TrainResult, path: str | os.PathLike) -> Path | None:
 
 
 __all__ = [
-    "PackedBatch", "TrainResult", "anchor_candidates", "count_parameters", "default_gamma",
-    "evaluate_tau", "new_drafter_config", "pack_blocks", "packed_loss", "pick_mask_token_id", "plot_curves", "sample_anchors", "save_drafter", "target_features",
-    "train_drafter", "write_metrics",
+    "PackedBatch", "TrainResult", "anchor_candidates", "count_parameters", "default_gamma", "evaluate_tau",
+    "new_drafter_config", "pack_blocks", "packed_loss", "pick_mask_token_id", "plot_curves", "sample_anchors",
+    "save_drafter", "target_features", "train_drafter", "write_metrics",
 ]
