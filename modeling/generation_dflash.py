@@ -219,6 +219,12 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.pending: torch.Tensor | None = None  # [1, n, len(ids) * hidden] features not yet fed to the drafter
         self.len_before_step: int | None = None
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most drafts one verify step can carry; transformers 5.25+ sizes the target cache's rollback record
+        (`activate_past_recording(recurrent_states_to_keep=...)`) with it."""
+        return self.block_size - 1
+
     def _collect_features(self, cur_len: int) -> None:
         """Append the rows of the last target forward that are now committed (all but the newest bonus token)."""
         feats = self.capture.features()
