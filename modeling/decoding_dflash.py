@@ -21,16 +21,17 @@ the anchor (newest committed token) has no target K/V yet. Each step
 from __future__ import annotations
 
 import functools
-import inspect
 import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .compat_dflash import cache_kwarg, forward_accepts
 from .generation_dflash import TargetFeatureCapture, check_drafter_fits_target, embed_block, target_text_config
 
 
@@ -95,8 +96,10 @@ class DFlashGenerateOutput:
         return self.num_new_tokens / self.time_total if self.time_total > 0 else float("nan")
 
 
-def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """`[..., V]` logits -> probabilities after temperature, top-k and top-p (all shape-static, graph-safe)."""
+def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+                    ) -> torch.Tensor:
+    """`[..., V]` logits -> probabilities after temperature, top-k, top-p and min-p, in transformers' order (all
+    shape-static, graph-safe)."""
     scores = logits.float() / temperature
     vocab = scores.shape[-1]
     if 0 < top_k < vocab:
@@ -109,13 +112,48 @@ def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+class _Sampling(NamedTuple):
+    """How tokens are chosen: argmax, or a draw after temperature, top-k, top-p and min-p (a workspace key)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return _sampling_probs(logits, self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def _sample(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row of `[..., V]` probabilities (exponential race: argmax p / E, E ~ Exp(1); graph-safe)."""
     race = torch.empty_like(probs).exponential_()
     return (probs / race).argmax(dim=-1)
+
+
+def engine_limitation(target: nn.Module, drafter: nn.Module | None) -> str | None:
+    """Why the batched loop cannot run this pair, in one sentence with the fix; None when it can."""
+    implementation = getattr(target.config, "_attn_implementation", "sdpa") or "sdpa"
+    if implementation.startswith("flash") or implementation.startswith("flex"):
+        return (
+            f"the batched DFlash loop passes explicit 4D masks, which the target's attn_implementation="
+            f"{implementation!r} cannot take; load the target with attn_implementation='sdpa'"
+        )
+    if drafter is not None:
+        config = drafter.config
+        kinds = {(config.layer_is_causal(i), config.layer_window(i)) for i in range(config.num_hidden_layers)}
+        if len(kinds) > 1:
+            return (
+                "the batched DFlash loop passes one 4D mask to every drafter layer, and this drafter mixes "
+                "causal/sliding and full layers"
+            )
+    return None
 
 
 class DFlashDecoder:
@@ -143,11 +181,11 @@ class DFlashDecoder:
     ):
         if drafter is not None:
             check_drafter_fits_target(drafter, target)
-        implementation = getattr(target.config, "_attn_implementation", "sdpa") or "sdpa"
-        if implementation.startswith("flash") or implementation.startswith("flex"):
+        limitation = engine_limitation(target, drafter)
+        if limitation is not None:
             raise ValueError(
-                f"The batched DFlash loop passes explicit 4D masks, which attn_implementation={implementation!r} "
-                "cannot take; load the target with attn_implementation='sdpa'."
+                f"DFlashDecoder: {limitation}. target.generate(assistant_model=drafter) serves such a pair one prompt "
+                "at a time on transformers' assisted loop."
             )
         text = target_text_config(target)
         limit = getattr(text, "max_position_embeddings", None)
@@ -166,9 +204,9 @@ class DFlashDecoder:
             kind: (getattr(text, "sliding_window", None) if kind == "sliding_attention" else None)
             for kind in dict.fromkeys(layer_types)
         }
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
-        self.pass_cache_position = "cache_position" in inspect.signature(target.forward).parameters
-        self.can_keep_last_logits = "logits_to_keep" in inspect.signature(target.forward).parameters
+        self.cache_kwarg = cache_kwarg(target)
+        self.pass_cache_position = forward_accepts(target, "cache_position")
+        self.can_keep_last_logits = forward_accepts(target, "logits_to_keep")
         self.lm_head = target.get_output_embeddings()
         self._workspaces: dict[tuple, "_Workspace"] = {}
 
@@ -184,9 +222,13 @@ class DFlashDecoder:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        min_p: float = 0.0,
+        min_new_tokens: int = 0,
         stop_token_ids: list[int] | int | None = None,
         pad_token_id: int | None = None,
+        stopping_criteria: Callable | None = None,
         streamer=None,
+        stream_prompt: bool = True,
         generator: torch.Generator | None = None,
         progress: bool = False,
         on_step: Callable[[list[list[int]]], None] | None = None,
@@ -194,12 +236,20 @@ class DFlashDecoder:
         """Decode `input_ids` `[batch, prompt]` (left-padded, `attention_mask` 1 for real tokens).
 
         `stop_token_ids=None` stops at `target.generation_config.eos_token_id`, as `target.generate` does; pass `[]`
-        to generate exactly `max_new_tokens` per row.
+        to generate exactly `max_new_tokens` per row. `min_new_tokens` keeps the stop tokens out of a row's first
+        tokens (transformers' `min_new_tokens`). Sampling applies temperature, top-k, top-p and min-p in that order,
+        as transformers does.
+
+        `stopping_criteria` (transformers' protocol: `criteria(ids [1, len], scores) -> [1] bool`, e.g. a
+        `StoppingCriteriaList` with a `StopStringCriteria`) ends a row after the first token at which it says stop.
+        It is checked on the host after every committed token, on that row alone with `scores=None`: criteria that
+        need the scores are not supported. Stop ids and the length budget need no criteria.
 
         `on_step(chunks)` streams a batch of any size: it is called once after the prefill and once after every
         step with `chunks[r]`, the tokens row r committed then (empty once the row is done); each row's chunks
         concatenate to its `new_tokens`. The tokens travel with the step's one host sync, so it adds no sync.
-        `streamer` (transformers' protocol) takes batch 1 only.
+        `streamer` (transformers' protocol) takes batch 1 only; `stream_prompt=False` when the caller has already
+        put the prompt into it (transformers' `generate` does).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(
@@ -215,8 +265,13 @@ class DFlashDecoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}; use do_sample=False for greedy.")
-        if not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={top_p}, top_k={top_k}.")
+        if not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
+            raise ValueError(
+                f"top_p must be in (0, 1], top_k >= 0 and min_p in [0, 1), got top_p={top_p}, top_k={top_k}, "
+                f"min_p={min_p}."
+            )
+        if min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}.")
         batch, prompt_len = input_ids.shape
         needed = prompt_len + max_new_tokens
         if self.position_limit is not None and needed > self.position_limit:
@@ -242,12 +297,15 @@ class DFlashDecoder:
             pad_token_id = target_text_config(self.target).pad_token_id
             pad_token_id = stops[0] if pad_token_id is None and stops else (pad_token_id or 0)
 
-        workspace = self._workspace(batch, do_sample, temperature, top_k, top_p, len(stops))
+        sampling = _Sampling(do_sample, temperature, top_k, top_p, min_p) if do_sample else _Sampling()
+        workspace = self._workspace(batch, sampling, len(stops), min_new_tokens > 0 and bool(stops))
         if generator is not None:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        if streamer is not None and stream_prompt:
+            streamer.put(input_ids.cpu())
         return workspace.run(
-            input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, stops, pad_token_id,
-            streamer, progress, on_step,
+            input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, min_new_tokens, stops,
+            pad_token_id, stopping_criteria, streamer, progress, on_step,
         )
 
     @property
@@ -258,11 +316,10 @@ class DFlashDecoder:
                 for fn in (ws.steady_draft, ws.verify_forward)
                 if isinstance(fn, _CompiledOrEager) and fn.failure is not None]
 
-    def _workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops) -> "_Workspace":
-        key = (batch, do_sample, temperature if do_sample else None, top_k if do_sample else None,
-               top_p if do_sample else None, n_stops)
+    def _workspace(self, batch: int, sampling: "_Sampling", n_stops: int, min_length: bool) -> "_Workspace":
+        key = (batch, sampling, n_stops, min_length)
         if key not in self._workspaces:
-            self._workspaces[key] = _Workspace(self, batch, do_sample, temperature, top_k, top_p, n_stops)
+            self._workspaces[key] = _Workspace(self, batch, sampling, n_stops, min_length)
         return self._workspaces[key]
 
 
@@ -307,13 +364,71 @@ class _CompiledOrEager:
         return self.eager(*args, **kwargs)
 
 
+class _HostCommits:
+    """What the host does with the tokens a step committed: read them with the step's one sync, end rows that a
+    stopping criterion stops (cutting the tokens after it), and hand them to the streamer and `on_step`."""
+
+    def __init__(self, workspace: "_Workspace", input_ids, stopping_criteria, streamer, on_step):
+        self.ws = workspace
+        self.criteria = stopping_criteria
+        self.streamer, self.on_step = streamer, on_step
+        self.wants_tokens = stopping_criteria is not None or streamer is not None or on_step is not None
+        # Each row as the criteria see it: the prompt as given (padding included, as in transformers), then its
+        # committed tokens.
+        self.rows = [row for row in input_ids.tolist()] if stopping_criteria is not None else None
+
+    def receive(self) -> tuple[list[int], bool]:
+        """Tokens committed by the last step per row, and whether every row is done (one host sync)."""
+        ws, batch = self.ws, self.ws.batch
+        parts = [ws.committed, ws.done.long()]
+        if self.wants_tokens:
+            cols = (ws.generated - ws.committed)[:, None] + ws.arange_b[None]
+            parts.append(ws.out.gather(1, cols.clamp_max(ws.out.shape[1] - 1)).flatten())
+        state = torch.cat(parts).cpu()
+        committed = state[:batch].tolist()
+        done = [bool(x) for x in state[batch : 2 * batch].tolist()]
+        if not self.wants_tokens:
+            return committed, all(done)
+        block = state[2 * batch :].view(batch, -1).tolist()
+        chunks = [block[r][: committed[r]] for r in range(batch)]
+        if self.criteria is not None:
+            for r in range(batch):
+                keep = self._tokens_before_stop(r, chunks[r])
+                if keep is not None:
+                    self._end_row(r, committed[r] - keep)
+                    chunks[r], committed[r], done[r] = chunks[r][:keep], keep, True
+        if self.streamer is not None and chunks[0]:
+            self.streamer.put(torch.tensor(chunks[0]))
+        if self.on_step is not None:
+            self.on_step(chunks)
+        return committed, all(done)
+
+    def _tokens_before_stop(self, r: int, chunk: list[int]) -> int | None:
+        """How many of `chunk` row r keeps when a criterion stops it inside the chunk (the stopping token included);
+        None when none does."""
+        for k, token in enumerate(chunk):
+            self.rows[r].append(token)
+            if bool(self.criteria(torch.tensor([self.rows[r]]), None).any()):
+                return k + 1
+        return None
+
+    def _end_row(self, r: int, drop: int) -> None:
+        ws = self.ws
+        if drop:
+            ws.generated[r] -= drop
+        ws.done[r] = True
+
+
 class _Workspace:
     """Static buffers, caches and (on CUDA) the two captured graphs for one batch size and sampling setting."""
 
-    def __init__(self, decoder: DFlashDecoder, batch, do_sample, temperature, top_k, top_p, n_stops):
+    def __init__(self, decoder: DFlashDecoder, batch: int, sampling: _Sampling, n_stops: int, min_length: bool):
         self.d = decoder
         self.batch = batch
-        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.sampling = sampling
+        self.do_sample = sampling.do_sample
+        # With a minimum length, stop tokens are masked out of the logits of a row's first `min_new` tokens.
+        self.min_length = min_length
         B, device = decoder.block_size, decoder.device
         self.capacity = decoder.max_length + B
         self.target_cache = RowStaticCache(self.capacity)
@@ -328,6 +443,7 @@ class _Workspace:
         self.ctx_base = torch.zeros(batch, **long)  # slot of the first pending context row
         self.generated = torch.zeros(batch, **long)
         self.budget = torch.zeros(batch, **long)
+        self.min_new = torch.zeros((), **long)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.committed = torch.zeros(batch, **long)  # tokens committed by the last step
         self.anchor = torch.zeros(batch, **long)
@@ -426,11 +542,22 @@ class _Workspace:
             past_key_values=self.draft_cache,
         ).last_hidden_state
         logits = d.drafter.compute_logits(hidden[:, 1:], d.lm_head).float()  # [b, B-1, V]
+        logits = self._without_early_stops(logits, self.generated[:, None] + self.arange_b[None, : B - 1])
         if self.do_sample:
-            self.draft_probs = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+            self.draft_probs = self.sampling.probs(logits)
             self.drafts.copy_(_sample(self.draft_probs))
         else:
             self.drafts.copy_(logits.argmax(-1))
+
+    def _without_early_stops(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """`logits` `[b, q, V]` for the tokens at new-token indices `token_index` `[b, q]`, with the stop tokens
+        masked wherever the index is below `min_new_tokens` (transformers' MinNewTokensLengthLogitsProcessor)."""
+        if not self.min_length:
+            return logits
+        early = (token_index < self.min_new)[..., None]  # [b, q, 1]
+        columns = self.stops[: self.n_stops].expand(*logits.shape[:2], -1)  # [b, q, n_stops]
+        masked = torch.where(early, float("-inf"), logits.gather(-1, columns))
+        return logits.scatter(-1, columns, masked)
 
     def _verify_and_accept(self) -> None:
         """Target forward on `[anchor, drafts]`, acceptance, commit, and the state update for the next step."""
@@ -439,9 +566,10 @@ class _Workspace:
         self.target_cache.write_slots = slots
         positions = slots - self.pad[:, None]
         logits, features = self.verify_forward(block, positions, slots)  # [b, B, V], [b, B, k*H]
+        logits = self._without_early_stops(logits, self.generated[:, None] + self.arange_b[None])
 
         if self.do_sample:
-            p = _sampling_probs(logits, self.temperature, self.top_k, self.top_p)  # [b, B, V]
+            p = self.sampling.probs(logits)  # [b, B, V]
             # Without a drafter nothing was drafted (B = 1): q is empty, so the residual below is p at the bonus.
             q = self.draft_probs if self.has_drafter else p[:, :0]  # [b, B-1, V]
             p_draft = p[:, :-1].gather(-1, self.drafts[..., None])[..., 0]
@@ -506,7 +634,7 @@ class _Workspace:
         return out.logits.float()
 
     # ------------------------------------------------------------------------------------------------------ driving
-    def _reset(self, input_ids, attention_mask, max_new_tokens, stops):
+    def _reset(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, stops):
         batch, prompt_len = input_ids.shape
         self.target_cache.reset()
         self.draft_cache.reset()
@@ -519,31 +647,37 @@ class _Workspace:
         self.length.fill_(prompt_len)
         self.generated.zero_()
         self.budget.fill_(max_new_tokens)
+        self.min_new.fill_(min_new_tokens)
         self.done.zero_()
         if self.n_stops:
             self.stops.copy_(torch.tensor(stops, dtype=torch.long, device=self.stops.device))
         self.out.zero_()
 
-    def run(self, input_ids, attention_mask, max_new_tokens, stops, pad_token_id, streamer, progress, on_step=None):
+    def run(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, pad_token_id, stopping_criteria,
+            streamer, progress, on_step=None):
         d, B = self.d, self.d.block_size
         sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+        # The host sees each step's new tokens only when someone needs them (they ride along with the step's sync).
+        host = _HostCommits(self, input_ids, stopping_criteria, streamer, on_step)
         with self.capture:
-            self._reset(input_ids, attention_mask, max_new_tokens, stops)
+            self._reset(input_ids, attention_mask, max_new_tokens, min_new_tokens, stops)
             sync()
             t0 = time.perf_counter()
             # Prefill: target over the prompt, first token, then the first draft over all prompt rows.
             prompt_len = input_ids.shape[1]
             slots = torch.arange(prompt_len, device=d.device)[None].expand(self.batch, -1)
             self.target_cache.write_slots = slots
-            logits = self._target_forward(input_ids, slots - self.pad[:, None], slots, last_only=True)[:, -1]
+            logits = self._target_forward(input_ids, slots - self.pad[:, None], slots, last_only=True)[:, -1:]
+            logits = self._without_early_stops(logits, torch.zeros_like(self.generated)[:, None])[:, 0]
             features = self.capture.features()
             if self.do_sample:
-                first = _sample(_sampling_probs(logits, self.temperature, self.top_k, self.top_p))
+                first = _sample(self.sampling.probs(logits))
             else:
                 first = logits.argmax(-1)
             self.out[:, 0] = first
             self.anchor.copy_(first)
             self.generated.fill_(1)
+            self.committed.fill_(1)
             self.length.add_(1)
             if self.n_stops:
                 self.done.copy_(torch.isin(first, self.stops))
@@ -551,11 +685,7 @@ class _Workspace:
             if self.ctx_features is None and self.has_drafter:
                 self.ctx_features = features.new_zeros(self.batch, B, features.shape[-1])
             self.ctx_base.zero_()
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-                streamer.put(first.cpu())
-            if on_step is not None:
-                on_step([[token] for token in first.tolist()])
+            committed, done_host = host.receive()
             prompt_features = features
             sync()
             t1 = time.perf_counter()
@@ -569,7 +699,6 @@ class _Workspace:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=max_new_tokens * self.batch, desc="dflash", unit="tok", initial=self.batch)
-            done_host = bool(self.done.all())
             while not done_host:
                 if first_draft and self.has_drafter:
                     # Variable-length context: eager, outside any graph.
@@ -590,25 +719,12 @@ class _Workspace:
                     draft_time += dt
                     verify_time += vt
                 steps += 1
-                parts = [self.committed, self.done.long()]
-                if on_step is not None:  # this step's tokens ride along with the step's one sync
-                    cols = (self.generated - self.committed)[:, None] + self.arange_b[None]
-                    parts.append(self.out.gather(1, cols.clamp_max(self.out.shape[1] - 1)).flatten())
-                state = torch.cat(parts).cpu()  # the one host sync per step
-                committed = state[: self.batch].tolist()
-                done = state[self.batch : 2 * self.batch].tolist()
-                if on_step is not None:
-                    block = state[2 * self.batch :].view(self.batch, B).tolist()
-                    on_step([block[r][: committed[r]] for r in range(self.batch)])
+                committed, done_host = host.receive()
                 for r in range(self.batch):
                     if committed[r] > 0:
                         acceptance[r].append(committed[r])
-                if streamer is not None and committed[0] > 0:
-                    g = int(self.generated[0])
-                    streamer.put(self.out[0, g - committed[0] : g].cpu())
                 if bar is not None:
                     bar.update(sum(committed))
-                done_host = all(done)
             if bar is not None:
                 bar.close()
             sync()
@@ -690,34 +806,23 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stop_token_ids: list[int] | int | None = None,
-    pad_token_id: int | None = None,
-    streamer=None,
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    on_step: Callable[[list[list[int]]], None] | None = None,
+    **generate_kwargs,
 ) -> DFlashGenerateOutput:
     """Batched DFlash generation (see `DFlashDecoder`); builds a decoder sized for this call.
 
     Greedy output of every row equals the target's own greedy output for that row alone; with `do_sample` each row
-    is a sample of the target's (temperature/top-k/top-p) distribution. `drafter=None` decodes
-    autoregressively through the same static caches and graphs. For repeated calls keep a `DFlashDecoder`.
+    is a sample of the target's (temperature/top-k/top-p/min-p) distribution. `drafter=None` decodes
+    autoregressively through the same static caches and graphs. `generate_kwargs` are `DFlashDecoder.generate`'s
+    (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `min_new_tokens`, `stop_token_ids`, `pad_token_id`,
+    `stopping_criteria`, `streamer`, `generator`, `progress`, `on_step`). For repeated calls keep a `DFlashDecoder`.
     """
     decoder = DFlashDecoder(
         target, drafter, max_length=input_ids.shape[-1] + max(max_new_tokens, 1), cuda_graphs=cuda_graphs,
         compile=compile,
     )
-    return decoder.generate(
-        input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, streamer=streamer,
-        generator=generator, progress=progress, on_step=on_step,
-    )
+    return decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
 
 
-__all__ = ["DFlashDecoder", "DFlashGenerateOutput", "RowStaticCache", "generate"]
+__all__ = ["DFlashDecoder", "DFlashGenerateOutput", "RowStaticCache", "engine_limitation", "generate"]

@@ -5,8 +5,11 @@ Every sibling module is imported here directly, not only through `modeling_dflas
 *direct* relative imports of a remote-code file when loading from a local folder, so a nested import would be missing.
 """
 
+from .compat_dflash import install_generate_hook  # noqa: F401
 from .configuration_dflash import DFlashConfig
+from .decoding_dflash import DFlashDecoder  # noqa: F401
 from .generation_dflash import DFlashStats
+from .integration_dflash import install_generate_integration  # noqa: F401
 from .modeling_dflash import DFlashDraftModel
 
 __all__ = ["DFlashConfig", "DFlashDraftModel", "DFlashStats"]

@@ -1,23 +1,16 @@
-"""How a DFlash drafter plugs into `target.generate(assistant_model=drafter)`.
+"""What every door shares about a target and a DFlash drafter, and transformers' assisted loop as a fallback.
 
-transformers has no public hook for a custom candidate generator (TRANSFORMERS.md §3), so importing this module wraps
-`GenerationMixin._assisted_decoding` once. The wrapper handles only DFlash drafters (recognised by the
-`_is_dflash_drafter` marker, so drafters loaded from any copy of the remote code qualify) and only when the caller has
-not chosen transformers' own route (`speculation_type="dflash"`); every other assistant goes to the original method
-untouched. For a DFlash call it
-
-1. checks that the drafter fits the target (ValueError naming both values otherwise),
-2. hooks the `target_layer_ids` decoder layers of the target (only those: no `output_hidden_states`),
-3. hands the stock loop our `DFlashCandidateGenerator` through an instance override of `_get_candidate_generator`,
-4. removes hooks and override in `finally`, so nothing survives the call, an exception or a KeyboardInterrupt.
-
-The stock loop then verifies the block in one target forward and accepts with its own greedy matching or
-speculative sampling (Leviathan et al.), which keeps the output lossless on every transformers version we support.
+- The target side: its text config, decoder layers, the drafter's block embedding, the fit check, and
+  `TargetFeatureCapture` (forward hooks on the `target_layer_ids` layers, so no `output_hidden_states`).
+- `DFlashCandidateGenerator`: drafts for transformers' own assisted loop (`_assisted_decoding`, batch 1). The
+  generate integration (`integration_dflash.py`) uses it only for what the batched engine cannot do (e.g.
+  `repetition_penalty`, per-token scores); the stock loop then verifies and accepts with its own greedy matching or
+  speculative sampling, which keeps the output lossless on every supported transformers version.
+- `dflash_spec_generate`: z-lab's reference entry point, through `target.generate`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +19,6 @@ from torch.nn import functional as F
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
-from transformers.generation.utils import GenerationMixin
 
 
 @dataclass
@@ -307,64 +299,6 @@ class DFlashCandidateGenerator(CandidateGenerator):
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         if self.context_len > 0:  # not the prefill
             self.stats.acceptance_lengths.append(input_ids.shape[1] - self.len_before_step)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The generate integration
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _dflash_assisted_decoding(original):
-    @functools.wraps(original)
-    def assisted_decoding(self, *args, **kwargs):
-        drafter = kwargs.get("assistant_model")
-        generation_config = kwargs.get("generation_config")
-        if not is_dflash_drafter(drafter) or getattr(generation_config, "speculation_type", None) == "dflash":
-            return original(self, *args, **kwargs)
-        input_ids = args[0] if args else kwargs["input_ids"]
-        if input_ids.shape[-1] == 0:
-            raise ValueError("The prompt has 0 tokens; pass at least one token (e.g. the BOS id) to generate from.")
-        check_drafter_fits_target(drafter, self)
-        if input_ids.shape[0] > 1:
-            raise ValueError(
-                f"generate(assistant_model=<DFlash drafter>) got a batch of {input_ids.shape[0]} sequences "
-                "(batch size > 1); transformers' assisted loop runs one at a time. Use "
-                "dflash_hf.generate(target, drafter, input_ids, attention_mask) or "
-                "custom_generate=<exported drafter folder> for batches."
-            )
-        stats = DFlashStats()
-        drafter.last_stats = stats
-        had_override = "_get_candidate_generator" in self.__dict__
-        previous = self.__dict__.get("_get_candidate_generator")
-        with TargetFeatureCapture(self, drafter.config.target_layer_ids) as capture:
-            generator = DFlashCandidateGenerator(
-                self,
-                drafter,
-                capture,
-                generation_config,
-                kwargs.get("logits_processor"),
-                kwargs.get("stopping_criteria"),
-                stats,
-            )
-            self.__dict__["_get_candidate_generator"] = lambda *a, **k: generator
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                if had_override:
-                    self.__dict__["_get_candidate_generator"] = previous
-                else:
-                    self.__dict__.pop("_get_candidate_generator", None)
-
-    assisted_decoding._dflash_wrapped = True
-    return assisted_decoding
-
-
-def install_generate_integration() -> None:
-    """Wrap `GenerationMixin._assisted_decoding` once (idempotent across copies of this module)."""
-    current = GenerationMixin._assisted_decoding
-    if getattr(current, "_dflash_wrapped", False):
-        return
-    GenerationMixin._assisted_decoding = _dflash_assisted_decoding(current)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ states (projected once by `fc` + `hidden_norm`), and output row `k` (k >= 1), th
 token at position `start + k`. The weights follow z-lab's released layout (`fc`, `hidden_norm`, `layers.N.*`, `norm`,
 no embedding, no head), so vLLM and SGLang load what we save.
 
-Importing this module also teaches `target.generate(assistant_model=drafter)` to draft whole blocks
-(see `generation_dflash.py`).
+Importing this module also routes `target.generate(assistant_model=drafter)` to the batched DFlash engine
+(see `integration_dflash.py`).
 """
 
 from __future__ import annotations
@@ -19,32 +19,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.qwen3.modeling_qwen3 import (
-    ALL_ATTENTION_FUNCTIONS,
-    Qwen3MLP,
-    Qwen3RMSNorm,
-    Qwen3RotaryEmbedding,
-    eager_attention_forward,
-    rotate_half,
-)
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
 
+from .compat_dflash import attention_interface
 from .configuration_dflash import DFlashConfig
-from .generation_dflash import DFlashStats, dflash_spec_generate, install_generate_integration
+from .decoding_dflash import DFlashDecoder  # noqa: F401  (imported directly, so 4.57 copies it with the remote code)
+from .generation_dflash import DFlashStats, dflash_spec_generate
+from .integration_dflash import install_generate_integration
 
 
 # from_pretrained kwargs that say where config.json lives (the set AutoModel forwards).
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision", "subfolder",
                "token", "use_auth_token")
-
-
-def _attention_interface(implementation: str | None) -> Callable:
-    """transformers' attention function for `implementation` (5.x `get_interface`, 4.57 plain dict lookup)."""
-    if implementation in (None, "eager"):
-        return eager_attention_forward
-    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
-    if get_interface is not None:
-        return get_interface(implementation, eager_attention_forward)
-    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 class DFlashDraftCache:
@@ -191,7 +177,7 @@ class DFlashAttention(nn.Module):
                     f"attn_implementation={implementation!r} cannot apply a padding mask in the drafter; "
                     "load the drafter with attn_implementation='sdpa' for padded batches."
                 )
-        attn_output, _ = _attention_interface(implementation)(
+        attn_output, _ = attention_interface(implementation)(
             self,
             q,
             k,

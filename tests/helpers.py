@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-import dflash_hf.modeling as modeling_pkg
 from dflash_hf import DFlashConfig, DFlashDraftModel
+from dflash_hf.export import remote_code_files
 from dflash_hf.modeling.generation_dflash import embed_block
 
 VOCAB = 96
 MASK_ID = 5  # a real vocabulary id, as for SmolLM2 and Gemma
 
-# The remote-code files a drafter repo ships next to its weights (what z-lab's auto_map and ours point at).
-REMOTE_CODE_FILES = ("dflash.py", "modeling_dflash.py", "configuration_dflash.py", "generation_dflash.py")
 
 
 def tiny_target(family: str = "qwen3", *, layers: int = 6, hidden: int = 64, vocab: int = VOCAB, seed: int = 0,
@@ -321,10 +319,9 @@ def zlab_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def copy_remote_code(folder: str | Path) -> None:
-    """Put our remote-code .py files next to a checkpoint, as a Hub repo ships them."""
-    source = Path(modeling_pkg.__file__).parent
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(source / name, Path(folder) / name)
+    """Put our remote-code .py files next to a checkpoint, as a Hub repo (and `dflash-hf export`) ships them."""
+    for path in remote_code_files():
+        shutil.copy(path, Path(folder) / path.name)
 
 
 def write_zlab_checkpoint(folder: str | Path, config: dict, seed: int = 0) -> dict[str, torch.Tensor]:

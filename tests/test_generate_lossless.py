@@ -223,7 +223,7 @@ def test_stats_are_per_call(target, oracle):
 
 def test_other_assistants_keep_stock_behaviour(target, monkeypatch):
     """A normal small causal LM as assistant and prompt lookup give exactly what transformers gives without our
-    integration installed (obtained by temporarily restoring the original `_assisted_decoding`)."""
+    integration installed (obtained by temporarily restoring the original `generate`)."""
     from transformers.generation.utils import GenerationMixin
 
     text = target.config.get_text_config()
@@ -235,7 +235,7 @@ def test_other_assistants_keep_stock_behaviour(target, monkeypatch):
         "prompt lookup": lambda: greedy(target, prompt, 20, prompt_lookup_num_tokens=3),
     }
     with monkeypatch.context() as patch:
-        patch.setattr(GenerationMixin, "_assisted_decoding", GenerationMixin._assisted_decoding.__wrapped__)
+        patch.setattr(GenerationMixin, "generate", GenerationMixin.generate.__wrapped__)
         stock = {name: run() for name, run in runs.items()}
     calls = []
     handle = assistant.register_forward_hook(lambda *a: calls.append(1))

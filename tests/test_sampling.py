@@ -16,7 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import OracleDrafter, tiny_drafter, tiny_target
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 VOCAB = 16
 PROMPT = torch.tensor([[7, 3, 9, 4, 12]])
@@ -31,21 +37,23 @@ def target():
     return tiny_target("qwen3", vocab=VOCAB, hidden=32, layers=3, seed=3)
 
 
-def warp(logits: torch.Tensor) -> torch.Tensor:
+def warp(logits: torch.Tensor, settings: dict = SETTINGS) -> torch.Tensor:
     """`[n, V]` raw logits -> probabilities, with transformers' warpers in generate's order."""
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(SETTINGS["temperature"]),
-                                   TopKLogitsWarper(SETTINGS["top_k"]), TopPLogitsWarper(SETTINGS["top_p"])])
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(settings["temperature"]),
+                                   TopKLogitsWarper(settings["top_k"]), TopPLogitsWarper(settings["top_p"])])
+    if "min_p" in settings:
+        warpers.append(MinPLogitsWarper(settings["min_p"]))
     return warpers(None, logits.float()).softmax(-1)
 
 
 @torch.no_grad()
-def exact_marginals(target, steps: int) -> list[torch.Tensor]:
+def exact_marginals(target, steps: int, settings: dict = SETTINGS) -> list[torch.Tensor]:
     """Marginal distribution `[V]` of each of the first `steps` generated tokens, by enumerating every prefix of
     nonzero probability with plain target forwards."""
     prefixes, weights = PROMPT, torch.ones(1, dtype=torch.float64)
     marginals = []
     for _ in range(steps):
-        probs = warp(target(prefixes).logits[:, -1]).double()  # [n, V]
+        probs = warp(target(prefixes).logits[:, -1], settings).double()  # [n, V]
         joint = weights[:, None] * probs
         marginals.append(joint.sum(0))
         rows, tokens = joint.nonzero(as_tuple=True)
@@ -100,6 +108,25 @@ def test_sampled_tokens_follow_the_target_distribution(target, kind):
         p = chi_square_p(counts, marginals[position])
         assert p > P_THRESHOLD, (position, p, counts.tolist(), (marginals[position] * RUNS[kind]).round().tolist())
     assert sum(taus) == NEW - 1
+
+
+def test_one_batch_with_min_p_follows_the_target_distribution(target):
+    """The same check with min-p added, all runs as the rows of one `generate` call (a batch through the engine):
+    every row is an independent sample of the target's distribution."""
+    settings = dict(SETTINGS, min_p=0.4)
+    runs = RUNS["random drafter"]
+    drafter = tiny_drafter(target, block_size=4, layer_ids=[0, 1], mask_token_id=5)
+    torch.manual_seed(4321)
+    ids = PROMPT.expand(runs, -1)
+    out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=drafter, do_sample=True,
+                          max_new_tokens=NEW, eos_token_id=None, pad_token_id=0, **settings)
+    samples = out[:, -NEW:]
+    marginals = exact_marginals(target, NEW, settings)
+    assert not torch.allclose(marginals[1], exact_marginals(target, 2)[1])  # min-p changes the distribution
+    for position in range(NEW):
+        counts = torch.bincount(samples[:, position], minlength=VOCAB)
+        p = chi_square_p(counts, marginals[position])
+        assert p > P_THRESHOLD, (position, p, counts.tolist(), (marginals[position] * runs).round().tolist())
 
 
 def test_chi_square_has_power(target):

@@ -1,5 +1,5 @@
 """Nothing a DFlash call installs survives it: no forward hook, no patched method, no cache on the target, one single
-wrapper on `GenerationMixin._assisted_decoding` -- after success, after 20 calls, and after calls interrupted by an
+wrapper on `GenerationMixin.generate` -- after success, after 20 calls, and after calls interrupted by an
 exception from a StoppingCriteria or a KeyboardInterrupt from a streamer. Plain `generate()` is unchanged by DFlash
 use, and two target/drafter pairs used alternately do not interfere.
 """
@@ -15,6 +15,7 @@ from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 import dflash_hf
 from dflash_hf import DFlashDecoder
+from dflash_hf.modeling.compat_dflash import generate_hook_installed
 
 NEW = 10
 
@@ -32,17 +33,20 @@ def snapshot(target, drafter) -> dict:
         "target_dict": sorted(target.__dict__),
         "module_dicts": {name: sorted(k for k in m.__dict__ if not k.startswith("_")) for name, m in
                          target.named_modules()},
+        "generate": GenerationMixin.generate,
         "assisted": GenerationMixin._assisted_decoding,
         "buffers": sorted(name for name, _ in target.named_buffers()),
     }
 
 
 def assert_single_wrapper() -> None:
-    method = GenerationMixin._assisted_decoding
-    assert getattr(method, "_dflash_wrapped", False), "the generate integration is not installed"
+    method = GenerationMixin.generate
+    assert generate_hook_installed(), "the generate integration is not installed"
     inner = method.__wrapped__
-    assert not getattr(inner, "_dflash_wrapped", False), "GenerationMixin._assisted_decoding is wrapped twice"
-    assert not hasattr(inner, "__wrapped__") or not getattr(inner.__wrapped__, "_dflash_wrapped", False)
+    while inner is not None:  # transformers' own decorators may wrap generate too; none of them may be ours
+        assert not getattr(inner, "_dflash_generate_hook", False), "GenerationMixin.generate is wrapped twice"
+        inner = getattr(inner, "__wrapped__", None)
+    assert not hasattr(GenerationMixin._assisted_decoding, "__wrapped__"), "_assisted_decoding must stay stock"
 
 
 def assert_no_hooks(model) -> None:
@@ -81,17 +85,18 @@ def test_reimporting_the_remote_code_does_not_wrap_twice(pair, monkeypatch):
     """Loading another copy of the modeling files (AutoModel + trust_remote_code does) must keep one wrapper."""
     import importlib.util
 
-    import dflash_hf.modeling.generation_dflash as generation
+    import dflash_hf.modeling.compat_dflash as compat
+    import dflash_hf.modeling.integration_dflash as integration
 
-    before = GenerationMixin._assisted_decoding
-    generation.install_generate_integration()
+    before = GenerationMixin.generate
+    integration.install_generate_integration()
     # A second, independent copy of the file (as transformers' remote-code loader creates), not a reload.
-    spec = importlib.util.spec_from_file_location("dflash_copy_generation", generation.__file__)
+    spec = importlib.util.spec_from_file_location("dflash_copy_compat", compat.__file__)
     copy = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, copy)  # dataclasses look their module up while it executes
     spec.loader.exec_module(copy)
-    copy.install_generate_integration()
-    assert GenerationMixin._assisted_decoding is before
+    copy.install_generate_hook(integration.route_generate_call)
+    assert GenerationMixin.generate is before
     assert_single_wrapper()
 
 
@@ -124,7 +129,6 @@ class InterruptingStreamer:
         self.ended = True
 
 
-# The batched loop takes stop_token_ids, not StoppingCriteria: it is interrupted through its streamer only.
 @pytest.mark.parametrize("route, interruption", [("plain", "criterion-error"), ("plain", "criterion-keyboard"),
                                                  ("plain", "streamer-keyboard"), ("batched", "streamer-keyboard")])
 def test_interrupted_call_leaves_nothing_and_next_call_is_right(pair, route, interruption):

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from dflash_hf.modeling.compat_dflash import attention_interface
 from dflash_hf.modeling.configuration_dflash import DFlashConfig
-from dflash_hf.modeling.modeling_dflash import DFlashDraftModel, _attention_interface
+from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 
 # Query rows per group: a multiple of the attention kernels' tiles that keeps the re-used context a small share.
 GROUP_ROWS = 128
@@ -118,7 +119,7 @@ def _grouped(base: str) -> Callable:
         ctx_len = key.shape[2] - q_len
         query = query.unflatten(2, (groups, -1)).transpose(1, 2).flatten(0, 1)  # [b * G, heads, Q / G, d]
         key, value = _per_group(key, ctx_len, groups), _per_group(value, ctx_len, groups)
-        out, _ = _attention_interface(base)(module, query, key, value, attention_mask, **kwargs)
+        out, _ = attention_interface(base)(module, query, key, value, attention_mask, **kwargs)
         return out.unflatten(0, (b, groups)).flatten(1, 2), None  # [b, Q, heads, d]
 
     return grouped_attention

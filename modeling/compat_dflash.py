@@ -1,0 +1,168 @@
+"""Every place dflash-hf relies on transformers internals, and what each supported version needs there.
+
+The rest of the code asks this module; nothing else reads a private attribute of transformers or branches on its
+version. Versions: 4.57.1 is the declared minimum; CI runs 4.57.1 and the newest release (README, "Supported versions").
+
+| need | 4.57.1 | 5.0 - 5.23 | 5.24 | 5.25 |
+|---|---|---|---|---|
+| cache kwarg of a causal LM's forward (`cache_kwarg`) | `past_key_values` | `past_key_values` | `cache` (old name deprecated) | `cache` |
+| `cache_position` kwarg of the forward (`forward_accepts`) | yes | model-dependent | model-dependent | model-dependent |
+| attention function lookup (`attention_interface`) | `ALL_ATTENTION_FUNCTIONS[impl]` | `.get_interface(impl, eager)` | same | same |
+| how `generate(assistant_model=drafter)` reaches the engine (`install_generate_hook`) | wrap `GenerationMixin.generate`; call it with `custom_generate=<callable>` | same | same | same |
+| prepared special tokens on the per-call config (`prepared_token_ids`) | `_eos_token_tensor`, `_pad_token_tensor` | same | same | same |
+| stock assisted loop, the fallback (`run_stock_assisted_loop`) | instance override of `_get_candidate_generator`; `_assisted_decoding` | same | same | the generator must expose `num_drafting_tokens` |
+| cache the stock loop can crop back | `DynamicCache()`, full layers | `DynamicCache(config=...)` with past recording | same | same |
+| `return_dict_in_generate` output (`decoder_only_output`) | `GenerateDecoderOnlyOutput` | same | same | same |
+
+Why `custom_generate=<callable>`: it is generate's public extension point. transformers still merges the generation
+config, builds the logits processors and stopping criteria (stop strings included), computes `max_length` and
+streams the prompt, and then hands all of it to the callable instead of its own decoding method. Only the decision
+*that* a call is a DFlash call needs the hook, because generate has no public way to pick a decoder by assistant.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
+from transformers.models.qwen3.modeling_qwen3 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+
+def attention_interface(implementation: str | None) -> Callable:
+    """transformers' attention function for `implementation` (5.x `get_interface`, 4.57 plain dict lookup)."""
+    if implementation in (None, "eager"):
+        return eager_attention_forward
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get_interface is not None:
+        return get_interface(implementation, eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword `name` (`cache_position`, `logits_to_keep`, ...)."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which `model.forward` takes its KV cache: `cache` from 5.24, `past_key_values` before."""
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
+
+
+def prepared_token_ids(generation_config, which: str) -> list[int]:
+    """The `which` ("eos" or "pad") ids that `generate` settled on for this call (after merging the model's
+    generation config, the model config and the call's kwargs); `[]` when there is none."""
+    value = getattr(generation_config, f"_{which}_token_tensor", None)
+    if value is None:
+        value = getattr(generation_config, f"{which}_token_id", None)
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def decoder_only_output(sequences: torch.LongTensor) -> GenerateDecoderOnlyOutput:
+    """What `generate(..., return_dict_in_generate=True)` returns for a decoder-only model, sequences only."""
+    return GenerateDecoderOnlyOutput(sequences=sequences)
+
+
+def run_stock_assisted_loop(model, candidate_generator, input_ids, logits_processor, stopping_criteria,
+                            generation_config, streamer, assistant_model, model_kwargs: dict):
+    """transformers' own assisted loop (`_assisted_decoding`, batch 1) driven by `candidate_generator`.
+
+    The loop builds its generator through `self._get_candidate_generator(...)`, called through the instance in every
+    supported version, so an instance attribute hands it ours for this call only; it is removed afterwards.
+    """
+    model_kwargs = dict(model_kwargs)
+    for name in ("cache", "past_key_values"):
+        if name in model_kwargs:
+            model_kwargs[name] = _rollbackable_cache(model)
+    had_override = "_get_candidate_generator" in model.__dict__
+    previous = model.__dict__.get("_get_candidate_generator")
+    model.__dict__["_get_candidate_generator"] = lambda *args, **kwargs: candidate_generator
+    try:
+        return GenerationMixin._assisted_decoding(
+            model,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            synced_gpus=False,
+            streamer=streamer,
+            assistant_model=assistant_model,
+            **model_kwargs,
+        )
+    finally:
+        if had_override:
+            model.__dict__["_get_candidate_generator"] = previous
+        else:
+            model.__dict__.pop("_get_candidate_generator", None)
+
+
+def _rollbackable_cache(model) -> DynamicCache:
+    """A cache the assisted loop can crop back, as generate prepares one for assisted decoding: per-layer sliding
+    caches where they can record their past (5.x), full-length layers where they cannot (4.57: cropping a sliding
+    layer past its window raises)."""
+    if hasattr(DynamicCache, "activate_past_recording"):
+        return DynamicCache(config=model.config.get_text_config(decoder=True))
+    return DynamicCache()
+
+
+# The one hook: `GenerationMixin.generate`, wrapped once per process whatever the number of copies of this module.
+_HOOK_MARKER = "_dflash_generate_hook"
+
+
+def install_generate_hook(route: Callable[[nn.Module, dict], Callable | None]) -> None:
+    """Wrap `GenerationMixin.generate` once (idempotent across copies of the remote code).
+
+    For each call, `route(model, kwargs)` returns None (the call is not ours: it runs untouched) or a decoding
+    function; then generate runs with `custom_generate=<that function>` and `assistant_model=None`, so transformers
+    prepares everything as for plain greedy/sampling and our function decodes. `route` may pop its own kwargs.
+    """
+    current = GenerationMixin.generate
+    if getattr(current, _HOOK_MARKER, False):
+        return
+
+    @functools.wraps(current)
+    def generate(self, *args, **kwargs):
+        if len(args) > 1:  # arguments past `inputs` given positionally: name them all, so the router sees them
+            kwargs, args = _named_arguments(current, self, args, kwargs), ()
+        decode = route(self, kwargs)
+        if decode is None:
+            return current(self, *args, **kwargs)
+        kwargs["assistant_model"] = None
+        kwargs["custom_generate"] = decode
+        return current(self, *args, **kwargs)
+
+    setattr(generate, _HOOK_MARKER, True)
+    GenerationMixin.generate = generate
+
+
+def _named_arguments(function: Callable, model, args: tuple, kwargs: dict) -> dict:
+    """`function(model, *args, **kwargs)`'s arguments as one keyword dict (its `**kwargs` flattened in)."""
+    parameters = inspect.signature(function).parameters
+    var_keyword = next((n for n, p in parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    named = dict(inspect.signature(function).bind_partial(model, *args, **kwargs).arguments)
+    named.pop(next(iter(parameters)))
+    return {**named, **named.pop(var_keyword, {})} if var_keyword else named
+
+
+def generate_hook_installed() -> bool:
+    return bool(getattr(GenerationMixin.generate, _HOOK_MARKER, False))
+
+
+__all__ = [
+    "attention_interface",
+    "cache_kwarg",
+    "decoder_only_output",
+    "forward_accepts",
+    "generate_hook_installed",
+    "install_generate_hook",
+    "prepared_token_ids",
+    "run_stock_assisted_loop",
+]
