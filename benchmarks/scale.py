@@ -237,6 +237,40 @@ def hf_static_per_token(target, *, prompt_len: int, steps: int, seed: int) -> di
             "times_s": {str(k): v for k, v in times.items()}}
 
 
+@torch.no_grad()
+def generate_per_step(target, drafter, *, batch: int, prompt_len: int, steps: int, seed: int,
+                      native: bool = False) -> dict[str, Any]:
+    """Seconds per verify step of `target.generate(assistant_model=drafter)`: the engine behind plain generate
+    (`native=False`) or transformers' own route (`speculation_type="dflash"`, batch 1), from the difference of two
+    lengths (prefill and warm-up cancel). The random drafter accepts ~nothing, so a step commits ~1 token per row."""
+    device = next(target.parameters()).device
+    text = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(8, text.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0,
+                  assistant_model=drafter, **({"speculation_type": "dflash"} if native else {}))
+    short = 16
+    t0 = time.perf_counter()
+    target.generate(prompt, max_new_tokens=short + steps, **kwargs)  # the engine sizes itself, captures graphs
+    first_call_s = time.perf_counter() - t0
+    times, step_counts = {}, {}
+    for n in (short, short + steps):
+        best = float("inf")
+        for _ in range(2):
+            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            t0 = time.perf_counter()
+            target.generate(prompt, max_new_tokens=n, **kwargs)
+            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            best = min(best, time.perf_counter() - t0)
+        times[n] = best
+        stats = getattr(drafter, "last_stats", None)
+        # The native route keeps no statistics: at tau ~1 it verifies once per token after the first.
+        step_counts[n] = stats.verify_steps if (stats is not None and not native) else n - 1
+    per_step = (times[short + steps] - times[short]) / max(step_counts[short + steps] - step_counts[short], 1)
+    return {"per_step_s": per_step, "first_call_s": first_call_s, "times_s": {str(k): v for k, v in times.items()},
+            "steps": {str(k): v for k, v in step_counts.items()}}
+
+
 def measure_model(name: str, args, device, dtype) -> dict[str, Any]:
     config, label = target_config(name, args.tiny)
     t0 = time.perf_counter()
@@ -305,6 +339,17 @@ def measure_model(name: str, args, device, dtype) -> dict[str, Any]:
                     entry["projection"][task]["speedup_vs_graphed_ar_compiled_loop"] = tau * t_ar / c_step
             except Exception as error:
                 entry["loop_compiled"] = {"error": f"{type(error).__name__}: {error}"}
+        if name in args.doors:
+            entry["doors"] = {}
+            for door, native in (("generate", False), ("native", True)):
+                if native and batch != 1:
+                    continue  # transformers' assisted loop takes one sequence
+                try:
+                    drafter.last_stats = None
+                    entry["doors"][door] = generate_per_step(target, drafter, batch=batch, prompt_len=args.prompt_len,
+                                                             steps=args.steps, seed=args.seed, native=native)
+                except Exception as error:
+                    entry["doors"][door] = {"error": f"{type(error).__name__}: {error}"}
         if name in args.hf_static and batch == 1:
             try:
                 hf = hf_static_per_token(target, prompt_len=args.prompt_len, steps=args.steps, seed=args.seed)
@@ -387,6 +432,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
                              f"{1e3 * bc['verify']['median_s']:.3f} ms, draft {1e3 * bc['draft']['median_s']:.3f} ms, "
                              f"loop step {1e3 * e['t_step_compiled_s']:.3f} ms, loop / compiled floor "
                              f"{e['loop_overhead_ratio_compiled']:.2f}")
+            for door, label in (("generate", "plain generate(assistant_model=drafter), the engine"),
+                                ("native", "transformers' native route (speculation_type='dflash')")):
+                d = (e.get("doors") or {}).get(door)
+                if d and "error" in d:
+                    lines.append(f"- batch {e['batch']} {label}: failed: {d['error'][:200]}")
+                elif d:
+                    lines.append(f"- batch {e['batch']} {label}: {1e3 * d['per_step_s']:.3f} ms per step = "
+                                 f"{d['per_step_s'] / e['t_step_s']:.2f}x the loop step (first call "
+                                 f"{d['first_call_s']:.1f} s)")
             for part in ("verify", "draft", "ar_1tok"):
                 if "capture_error" in e["bare"][part]:
                     lines.append(f"- batch {e['batch']} {part}: CUDA graph capture failed, eager timing shown "
@@ -414,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of models for which to also time the compiled loop (graphs + torch.compile) "
                              "and a compiled floor; each costs compiles of the draft and verify steps")
     parser.add_argument("--compile-batches", default="1", help="batch sizes for --compile-models (default 1)")
+    parser.add_argument("--doors", default="",
+                        help="comma list of models for which to also time plain generate(assistant_model=drafter) "
+                             "(the engine, every batch size) and transformers' native route (batch 1)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-graphs", action="store_true")
@@ -425,10 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.hf_static = [m.strip() for m in args.hf_static.split(",") if m.strip()]
+    args.doors = [m.strip() for m in args.doors.split(",") if m.strip()]
     args.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
     args.compile_batches = [int(b) for b in args.compile_batches.split(",") if b.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models + args.hf_static + args.compile_models:
+    for m in models + args.hf_static + args.compile_models + args.doors:
         if m not in PUBLISHED_TAU:
             parser.error(f"unknown model {m!r}; choose from {', '.join(PUBLISHED_TAU)}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

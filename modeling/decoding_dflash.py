@@ -488,40 +488,33 @@ class _Workspace:
         }
 
     def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor:
-        """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call, per drafter layer kind.
+        """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call (one for every layer).
 
-        Context slots are visible from `pad` up to the anchor (exclusive); scratch slots hold the block itself.
+        Context slots are visible from `pad` (or, with the drafter's `draft_window`, from `draft_window` rows back) up
+        to the anchor (exclusive); scratch slots hold the block itself. The static cache still holds every row.
         """
         slots = self.slot_ids[None, None, :]
         query_pos = (self.length - 1 - self.pad)[:, None, None] + self.arange_b[None, :, None]  # [b, B, 1]
         is_ctx = slots < self.capacity
         ctx_valid = is_ctx & (slots >= self.pad[:, None, None]) & (slots < (self.length - 1)[:, None, None])
+        window = self.d.drafter.config.draft_window
+        if window is not None:  # the drafter sees the newest `draft_window` context rows, as its own cache keeps them
+            ctx_valid = ctx_valid & (slots >= (self.length - 1 - window)[:, None, None])
         key_pos = torch.where(
             is_ctx, slots - self.pad[:, None, None], (self.length - 1 - self.pad)[:, None, None] + slots - self.capacity
         )
         visible = ctx_valid | ~is_ctx
-        masks = {}
+        # Every drafter layer has the same kind here (`engine_limitation` refuses mixed drafters).
         config = self.d.drafter.config
-        for layer_idx in range(config.num_hidden_layers):
-            causal, window = config.layer_is_causal(layer_idx), config.layer_window(layer_idx)
-            key = (causal, window)
-            if key in masks:
-                continue
-            v = visible
-            if causal:
-                v = v & (key_pos <= query_pos)
-            if window is not None:
-                v = v & (query_pos - key_pos < window)
-                if not causal:
-                    v = v & (key_pos - query_pos < window)
-            mask = torch.zeros(v.shape, dtype=dtype, device=v.device)
-            masks[key] = mask.masked_fill(~v, torch.finfo(dtype).min)[:, None]
-        if len(masks) != 1:
-            raise ValueError(
-                "The batched loop passes one 4D mask to every drafter layer; drafters that mix causal/sliding and "
-                "full layers run through target.generate(assistant_model=drafter) instead."
-            )
-        return next(iter(masks.values()))
+        causal, window = config.layer_is_causal(0), config.layer_window(0)
+        if causal:
+            visible = visible & (key_pos <= query_pos)
+        if window is not None:
+            visible = visible & (query_pos - key_pos < window)
+            if not causal:
+                visible = visible & (key_pos - query_pos < window)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
     # ---------------------------------------------------------------------------------------------------- the steps
     def _draft(self, n_ctx: int) -> None:

@@ -23,10 +23,12 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 @dataclass
 class DFlashStats:
-    """What one DFlash generate call did. `acceptance_lengths[i]` tokens were committed by verify step i (bonus
-    included, so 1 <= tau <= block_size). Read it after a call as `drafter.last_stats`."""
+    """What one DFlash generate call did. `acceptance_lengths[i]` tokens were committed by verify step i of a row
+    (bonus included, so 1 <= tau <= block_size), row after row. `verify_steps` counts the steps of the whole batch
+    (each verifies every unfinished row at once). Read it after a call as `drafter.last_stats`."""
 
     acceptance_lengths: list[int] = field(default_factory=list)
+    verify_steps: int | None = None
 
     @property
     def mean_acceptance_length(self) -> float:

@@ -217,7 +217,8 @@ def decode_prepared_call(target, drafter, options: EngineOptions, input_ids, log
         stream_prompt=False,  # generate has streamed it
         **plan.sampling,
     )
-    drafter.last_stats = DFlashStats(acceptance_lengths=[n for row in out.acceptance_lengths for n in row])
+    drafter.last_stats = DFlashStats(acceptance_lengths=[n for row in out.acceptance_lengths for n in row],
+                                     verify_steps=out.steps)
     if generation_config.return_dict_in_generate:
         return decoder_only_output(out.sequences)
     return out.sequences

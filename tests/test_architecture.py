@@ -14,6 +14,7 @@ import torch
 from helpers import MASK_ID, OracleDrafter, greedy, random_prompt, tiny_drafter, tiny_target
 
 from dflash_hf import DFlashDraftModel
+from dflash_hf.modeling import integration_dflash
 from dflash_hf.modeling.generation_dflash import embed_block
 from dflash_hf.modeling.modeling_dflash import DFlashDraftCache, build_block_attention_mask
 
@@ -333,17 +334,21 @@ class RecordingOracle(OracleDrafter):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
-def test_generate_feeds_committed_rows_at_true_positions(family):
+def test_generate_feeds_committed_rows_at_true_positions(family, monkeypatch):
     """Inside generate: the draft cache holds exactly the context rows (length == start - n_ctx before a call, i.e.
     == start after the previous crop), positions are [context ; block] at their absolute values, the features are
     the target's decoder-layer outputs `hs[i + 1]` of the committed tokens, and block row 0 is the last one."""
+    monkeypatch.setattr(integration_dflash, "_warned", set())
     target = tiny_target(family, layers=6)
     ids = [1, 3]
     block = 6
     prompt = random_prompt(9, seed=4)
     with RecordingOracle.for_target(target, layer_ids=ids, block_size=block, corrupt_every=4) as drafter:
         drafter.calls = []
-        out = greedy(target, prompt, 25, assistant_model=drafter)
+        # Per-token logits force the stock assisted loop, whose candidate generator this test is about.
+        with pytest.warns(UserWarning, match="output_logits"):
+            out = greedy(target, prompt, 25, assistant_model=drafter, return_dict_in_generate=True,
+                         output_logits=True).sequences
     assert torch.equal(out, greedy(target, prompt, 25))
     calls = drafter.calls
     assert len(calls) == len(drafter.last_stats.acceptance_lengths)

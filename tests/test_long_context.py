@@ -8,6 +8,8 @@ import torch
 from helpers import greedy, random_prompt, tiny_drafter, tiny_target
 
 import dflash_hf
+from dflash_hf import DFlashDecoder
+from dflash_hf.modeling import integration_dflash
 from dflash_hf.modeling.modeling_dflash import DFlashDraftCache
 
 NEW = 12
@@ -34,19 +36,33 @@ def test_prompt_ending_at_the_position_limit_both_routes(target):
 
 
 @pytest.mark.parametrize("window", [4, 16])
-def test_draft_window_bounds_the_draft_cache(target, window):
+def test_draft_window_bounds_the_draft_cache(target, window, monkeypatch):
+    """The stock assisted loop (the fallback of plain generate; here forced by asking for per-token logits) keeps only
+    the newest `draft_window` context rows in the draft cache; the batched engine masks the older ones instead. Both
+    give the target's own output: the window changes what the drafter sees, never the output."""
     drafter = tiny_drafter(target, layer_ids=[0, 2], block_size=4, draft_window=window)
     assert drafter.config.draft_window == window
     caches = []
     make = drafter.make_draft_cache
     drafter.make_draft_cache = lambda: caches.append(make()) or caches[-1]  # observe the cache the call uses
+    prompt = random_prompt(40, seed=42)
+    reference = greedy(target, prompt, 20, eos_token_id=None, pad_token_id=0)
+    monkeypatch.setattr(integration_dflash, "_warned", set())
     try:
-        prompt = random_prompt(40, seed=42)
-        reference = greedy(target, prompt, 20, eos_token_id=None, pad_token_id=0)
-        got = greedy(target, prompt, 20, assistant_model=drafter, eos_token_id=None, pad_token_id=0)
+        with pytest.warns(UserWarning, match="output_logits"):
+            got = greedy(target, prompt, 20, assistant_model=drafter, eos_token_id=None, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True).sequences
     finally:
         del drafter.make_draft_cache
-    assert torch.equal(got, reference)  # the window only changes what the drafter sees, never the output
+    assert torch.equal(got, reference)
+    unbounded = tiny_drafter(target, layer_ids=[0, 2], block_size=4)
+    decoder = DFlashDecoder(target, drafter, max_length=64)
+    assert torch.equal(decoder.generate(prompt, max_new_tokens=20, stop_token_ids=[]).sequences, reference)
+    (workspace,) = decoder._workspaces.values()
+    visible_context = (workspace._draft_mask(0, torch.float32)[0, 0, :, : workspace.capacity] == 0).sum(-1)
+    assert (visible_context == window).all()  # 60 context rows by now, `window` of them seen
+    seen_all = DFlashDecoder(target, unbounded, max_length=64).generate(prompt, max_new_tokens=20, stop_token_ids=[])
+    assert torch.equal(seen_all.sequences, reference)
     (cache,) = caches
     assert cache.window == window and cache.keys
     assert all(k.shape[-2] <= window for k in cache.keys) and all(v.shape[-2] <= window for v in cache.values)

@@ -81,7 +81,10 @@ METHODS: dict[str, MethodSpec] = {
                    batched=True, speculative=False),
         MethodSpec("bare", "bare graphed forwards (cost floor)", batched=True, speculative=False),
         MethodSpec("dflash_loop_eager", "DFlashDecoder, eager (no graphs, no compile)", batched=True),
-        MethodSpec("dflash_generate", "target.generate(assistant_model=drafter) (ours)", batched=False),
+        MethodSpec("dflash_generate", "target.generate(assistant_model=drafter): the engine, CUDA graphs (default)",
+                   batched=True),
+        MethodSpec("dflash_generate_compiled", "target.generate(assistant_model=drafter, dflash_compile=True)",
+                   batched=True, cuda_only=True),
         MethodSpec("hf_dflash", "transformers native DFlash (speculation_type='dflash')", batched=False),
         MethodSpec("assisted_truncated", "HF assisted, truncated-target assistant", batched=False),
         MethodSpec("prompt_lookup", "HF prompt-lookup decoding", batched=False),
@@ -419,16 +422,37 @@ def parse_prompt_spec(spec: str) -> dict[str, int] | int:
     return counts
 
 
-def load_prompts(spec: dict[str, int] | int, seed: int = 0) -> tuple[list[dict[str, str]], str]:
+def read_prompt_file(path: str | Path) -> list[dict[str, str]]:
+    """`--prompt-file`: a JSON list of `{"category": ..., "prompt": ...}` objects (or of plain strings, category
+    "prompt")."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--prompt-file {path}: cannot read a JSON list of prompts ({error}).") from None
+    prompts = [{"category": "prompt", "prompt": item} if isinstance(item, str) else item for item in items] \
+        if isinstance(items, list) else None
+    if not prompts or not all(isinstance(p, dict) and isinstance(p.get("prompt"), str) and p["prompt"]
+                              and isinstance(p.get("category", ""), str) for p in prompts):
+        raise ValueError(f"--prompt-file {path}: expected a non-empty JSON list of strings or of "
+                         '{"category": ..., "prompt": ...} objects.')
+    return [{"category": p.get("category") or "prompt", "prompt": p["prompt"]} for p in prompts]
+
+
+def load_prompts(spec: dict[str, int] | int, seed: int = 0, prompt_file: str | None = None
+                 ) -> tuple[list[dict[str, str]], str]:
     """`(prompts, source)`: the project's held-out prompts (`dflash_hf.prompts.build_prompts`) when that module exists,
-    else the small built-in list. Each prompt is `{"category", "prompt"}`."""
+    else the small built-in list; with `prompt_file`, that file's prompts (`--prompts` then picks per category from
+    them). Each prompt is `{"category", "prompt"}`."""
     need = max(spec.values()) if isinstance(spec, dict) else spec
     pool: list[dict[str, str]]
     try:
         from dflash_hf.prompts import build_prompts  # another part of the project; optional here
     except ImportError:
         build_prompts = None
-    if build_prompts is not None:
+    if prompt_file is not None:
+        pool = read_prompt_file(prompt_file)
+        source = f"{prompt_file}"
+    elif build_prompts is not None:
         pool = [dict(p) for p in build_prompts(need, split="heldout", seed=seed)]
         source = "dflash_hf.prompts.build_prompts(split='heldout')"
     else:
@@ -804,8 +828,8 @@ class Context:
         return self.decoders[mode]
 
 
-def _hf_runner(ctx: Context, extra: dict[str, Any], *, draft_module: nn.Module | None, prefill_first: bool,
-               stats_from_drafter: bool = False) -> Callable[[Item, int], RunOutput]:
+def _hf_runner(ctx: Context, extra: dict[str, Any], *, draft_module: nn.Module | None,
+               prefill_first: bool) -> Callable[[Item, int], RunOutput]:
     """A runner around `target.generate(...)` with forward timers on the target (and on the draft model)."""
 
     def run(item: Item, max_new_tokens: int) -> RunOutput:
@@ -836,9 +860,23 @@ def _hf_runner(ctx: Context, extra: dict[str, Any], *, draft_module: nn.Module |
             result.verify_s = sum(target_calls)
             result.steps = len(target_calls)
             result.committed = n_tokens
-        if stats_from_drafter and getattr(ctx.drafter, "last_stats", None) is not None:
-            result.acceptance = list(ctx.drafter.last_stats.acceptance_lengths)
         return result
+
+    return run
+
+
+def _door_runner(ctx: Context, extra: dict[str, Any]) -> Callable[[Item, int], RunOutput]:
+    """A runner around `target.generate(..., assistant_model=drafter)`, the door that runs the DFlash engine; its
+    statistics come from `drafter.last_stats` (the engine's steps are CUDA graph replays, invisible to hooks)."""
+
+    def run(item: Item, max_new_tokens: int) -> RunOutput:
+        out = ctx.target.generate(item.input_ids, attention_mask=item.attention_mask, assistant_model=ctx.drafter,
+                                  **ctx.generate_kwargs(max_new_tokens), **extra)
+        stats = ctx.drafter.last_stats
+        flat = list(stats.acceptance_lengths)
+        return RunOutput(tokens=ctx.trim(out[:, item.input_ids.shape[1]:].tolist()), steps=stats.verify_steps,
+                         committed=sum(flat), target_forwards=stats.verify_steps + 1,
+                         draft_forwards=stats.verify_steps, acceptance=flat)
 
     return run
 
@@ -914,6 +952,7 @@ class BenchOptions:
     warmup_tokens: int = 16
     methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER))
     prompts: str = "1"
+    prompt_file: str | None = None
     seed: int = 0
     block_size: int = 16
     assistant_layers: int | None = None
@@ -960,6 +999,8 @@ def validate_options(opts: BenchOptions) -> None:
     if opts.repeats < 1:
         raise ValueError(f"--repeats {opts.repeats} must be at least 1.")
     parse_prompt_spec(opts.prompts)
+    if opts.prompt_file is not None:
+        read_prompt_file(opts.prompt_file)
     spec = opts.drafter.lower()
     if spec.startswith("random:") and (not spec[7:].isdigit() or int(spec[7:]) < 1):
         raise ValueError(f"--drafter {opts.drafter!r}: random:N needs a positive layer count, e.g. random:2.")
@@ -1181,7 +1222,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     if pad_id is None:
         pad_id = text.eos_token_id if isinstance(text.eos_token_id, int) else 0
 
-    prompts, prompt_source = load_prompts(parse_prompt_spec(opts.prompts), seed=opts.seed)
+    prompts, prompt_source = load_prompts(parse_prompt_spec(opts.prompts), seed=opts.seed,
+                                          prompt_file=opts.prompt_file)
     ids = tokenize_prompts(prompts, tokenizer, chat_template=opts.chat_template,
                            max_prompt_tokens=opts.max_prompt_tokens)
     categories = [p["category"] for p in prompts]
@@ -1343,8 +1385,9 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
     if key == "dflash_loop_eager":
         return _loop_runner(ctx, LOOP_MODES[key]), short
     if key == "dflash_generate":
-        return _hf_runner(ctx, {"assistant_model": ctx.drafter}, draft_module=ctx.drafter, prefill_first=True,
-                          stats_from_drafter=True), short
+        return _door_runner(ctx, {}), full  # full length: the engine captures its graphs in the warm-up
+    if key == "dflash_generate_compiled":
+        return _door_runner(ctx, {"dflash_compile": True}), full
     if key == "hf_dflash":
         return _hf_runner(ctx, {"assistant_model": ctx.drafter, "speculation_type": "dflash"},
                           draft_module=ctx.drafter, prefill_first=True), short
@@ -1661,6 +1704,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHOD_ORDER),
                         help=f"comma subset of: {', '.join(METHOD_ORDER)} (ar_eager b=1 always runs: the reference)")
     parser.add_argument("--prompts", default="1", help="N per category, or e.g. 'math:2,code:1,chat:1'")
+    parser.add_argument("--prompt-file", default=None,
+                        help="JSON list of prompts ({category, prompt} objects or strings) instead of the project's "
+                             "held-out prompts, e.g. benchmarks/prompts/everyday.json (written independently of the "
+                             "training data); --prompts then counts per category of the file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=16, help="block size of a random:N drafter")
     parser.add_argument("--assistant-layers", type=int, default=None,
@@ -1696,7 +1743,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         target=args.target, drafter=args.drafter, dtype=args.dtype, device=args.device, batch_sizes=batch_sizes,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup_tokens=args.warmup_tokens, methods=methods,
-        prompts=args.prompts, seed=args.seed, block_size=args.block_size, assistant_layers=args.assistant_layers,
+        prompts=args.prompts, prompt_file=args.prompt_file, seed=args.seed, block_size=args.block_size,
+        assistant_layers=args.assistant_layers,
         prompt_lookup_tokens=args.prompt_lookup_tokens, out=args.out, results_dir=args.results_dir,
         time_budget=args.time_budget, method_time_limit=args.method_time_limit,
         chat_template=not args.no_chat_template, max_prompt_tokens=args.max_prompt_tokens,

@@ -7,7 +7,7 @@ An exported folder is a complete model repository that needs **no dflash-hf inst
     model.safetensors        z-lab's released weight layout (fc, hidden_norm, layers.N.*, norm; no embedding/head)
     configuration_dflash.py  remote code, copied from the installed `dflash_hf.modeling` package (the single source)
     modeling_dflash.py, generation_dflash.py, decoding_dflash.py, dflash.py   (idem)
-    custom_generate/         generate.py (batched DFlash loop for `target.generate(custom_generate=REPO, ...)`) and
+    custom_generate/         generate.py (`target.generate(custom_generate=REPO, ...)`: plain generate on the engine) and
                              copies of the same remote-code files, because custom_generate code may only import
                              single-dot modules inside custom_generate/
     README.md                model card with Hub metadata and usage for transformers, vLLM and SGLang
@@ -310,11 +310,11 @@ def model_card(*, name: str, repo_id: str | None, config: dict, base_model: str 
                 "plumbing: expect an acceptance length near 1 and no speedup.\n")
     provenance = f"\nConverted from `{source}` without changing a tensor.\n" if source else ""
     mixed = len(set(config.get("layer_types") or ["full_attention"])) > 1
-    route4 = ("# 4. custom_generate: the batched dflash-hf loop shipped in this repository (left-padded batches).\n"
+    route4 = ("# 4. custom_generate: the same engine as route 1, as a transformers custom_generate repository.\n"
               if not mixed else
-              "# 4. custom_generate (batched loop): not for this drafter yet.\n"
-              "#    It mixes sliding and full attention layers, which the batched loop refuses for now:\n"
-              "#    use routes 1-3.\n")
+              "# 4. custom_generate: the same as route 1. This drafter mixes sliding and full attention layers,\n"
+              "#    which the batched engine does not run yet: it decodes one prompt at a time on transformers'\n"
+              "#    assisted loop (lossless, slower).\n")
     if metrics is not None:
         results = "## Measured results\n\n" + metrics_markdown(metrics) + "\n"
     else:
@@ -356,7 +356,8 @@ messages = [{{"role": "user", "content": "Write a Python function that checks wh
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                        return_dict=True).to(target.device)
 
-# 1. Plain generate: loading the drafter teaches assisted generation to draft whole blocks (one sequence).
+# 1. Plain generate: loading the drafter routes generate(assistant_model=drafter) to the batched DFlash engine
+#    (left-padded batches work too; CUDA graphs on CUDA, dflash_compile=True to also torch.compile it).
 out = target.generate(**inputs, assistant_model=drafter, max_new_tokens=256, do_sample=False)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 print("mean acceptance length:", drafter.last_stats.mean_acceptance_length)
@@ -376,8 +377,8 @@ out = target.generate(**batch, custom_generate="{repo}", trust_remote_code=True,
                       max_new_tokens=256)
 ```
 
-Load target and drafter with the same dtype and device. With `pip install dflash-hf`, `dflash_hf.generate(target,
-drafter, input_ids, attention_mask)` runs the same batched loop directly.
+Load target and drafter with the same dtype and device. With the dflash-hf package installed,
+`dflash_hf.DFlashDecoder(target, drafter)` exposes the same engine with its own API.
 
 ## Usage with vLLM and SGLang
 
