@@ -86,14 +86,15 @@ def test_bench_cli_end_to_end(tiny_folder: Path, tmp_path: Path):
     rows = {(r["method"], r["batch_size"]): r for r in payload["results"]}
     expected_ok = [("ar_eager", b) for b in BATCHES] + [("ar_static", b) for b in BATCHES]
     expected_ok += [("dflash_loop_eager", b) for b in BATCHES] + [("ar_loop", b) for b in BATCHES]
-    expected_ok += [("dflash_generate", 1), ("assisted_truncated", 1), ("prompt_lookup", 1)]
+    expected_ok += [("dflash_generate", b) for b in BATCHES]  # plain generate runs the engine, batches included
+    expected_ok += [("assisted_truncated", 1), ("prompt_lookup", 1)]
     native_ok, _ = bench.native_dflash_available()
     if native_ok:
         expected_ok.append(("hf_dflash", 1))
     else:
         assert rows[("hf_dflash", 1)]["status"] == "skipped"
     for b in BATCHES:  # no CUDA here: said, not silently dropped
-        for method in ("dflash_loop_graphs", "dflash_loop_compiled"):
+        for method in ("dflash_loop_graphs", "dflash_loop_compiled", "dflash_generate_compiled"):
             assert rows[(method, b)]["status"] == "skipped"
             assert "cuda" in rows[(method, b)]["reason"].lower()
 
@@ -258,3 +259,20 @@ def test_prompt_spec_and_left_padding():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="unknown category 'poetry'"):
         bench.load_prompts({"poetry": 1})
+
+
+def test_prompt_file(tmp_path: Path):
+    """--prompt-file: the shipped independent prompts load per category; a file of plain strings works; a file that is
+    not a list of prompts is refused by name before any model loads."""
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts" / "everyday.json"
+    prompts, source = bench.load_prompts(bench.parse_prompt_spec("2"), prompt_file=str(shipped))
+    assert source == str(shipped) and [p["category"] for p in prompts] == ["code"] * 2 + ["math"] * 2 + ["chat"] * 2
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(["Say hi.", "Count to three."]))
+    prompts, _ = bench.load_prompts(2, prompt_file=str(plain))
+    assert [p["prompt"] for p in prompts] == ["Say hi.", "Count to three."]
+    for bad in ('{"prompt": "x"}', "[]", '[{"category": "chat"}]', "not json"):
+        broken = tmp_path / "broken.json"
+        broken.write_text(bad)
+        with pytest.raises(ValueError, match="--prompt-file"):
+            bench.validate_options(bench.BenchOptions(prompt_file=str(broken)))

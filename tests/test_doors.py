@@ -197,6 +197,12 @@ def test_engine_options(monkeypatch):
     assert torch.equal(greedy(target, prompt, 10, assistant_model=drafter, dflash_cuda_graphs=False), expected)
     assert torch.equal(greedy(target, prompt, 10, assistant_model=drafter, dflash_compile=True), expected)
     assert [(b["cuda_graphs"], b["compile"]) for b in built] == [(False, False), (None, True)]
+    tokenizer = tiny_tokenizer()
+    pipe = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    text = tokenizer.decode(prompt[0])
+    plain = pipeline("text-generation", model=target, tokenizer=tokenizer)(text, max_new_tokens=10, do_sample=False)
+    assert pipe(text, max_new_tokens=10, do_sample=False, dflash_cuda_graphs=False) == plain  # through the pipeline
+    assert (built[-1]["cuda_graphs"], built[-1]["compile"]) == (False, False)
     with pytest.raises(ValueError, match="dflash_compile"):
         greedy(target, prompt, 10, dflash_compile=True)
 
