@@ -209,6 +209,19 @@ def loop_step(target, drafter, *, batch: int, prompt_len: int, steps: int, graph
     return result
 
 
+def best_generate_time(target, prompt: torch.LongTensor, max_new_tokens: int, kwargs: dict, runs: int = 2) -> float:
+    """Best wall time in seconds of `runs` synchronised `target.generate(prompt, max_new_tokens=..., **kwargs)`."""
+    device = prompt.device
+    best = float("inf")
+    for _ in range(runs):
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        target.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @torch.no_grad()
 def hf_static_per_token(target, *, prompt_len: int, steps: int, seed: int) -> dict[str, Any]:
     """HF `generate(cache_implementation="static")` (compiled by transformers on CUDA): seconds per token from the
@@ -223,16 +236,7 @@ def hf_static_per_token(target, *, prompt_len: int, steps: int, seed: int) -> di
     t0 = time.perf_counter()
     target.generate(prompt, max_new_tokens=short + steps, **kwargs)  # compiles
     compile_s = time.perf_counter() - t0
-    times = {}
-    for n in (short, short + steps):
-        best = float("inf")
-        for _ in range(2):
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            t0 = time.perf_counter()
-            target.generate(prompt, max_new_tokens=n, **kwargs)
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            best = min(best, time.perf_counter() - t0)
-        times[n] = best
+    times = {n: best_generate_time(target, prompt, n, kwargs) for n in (short, short + steps)}
     return {"per_token_s": (times[short + steps] - times[short]) / steps, "first_call_s": compile_s,
             "times_s": {str(k): v for k, v in times.items()}}
 
@@ -255,17 +259,10 @@ def generate_per_step(target, drafter, *, batch: int, prompt_len: int, steps: in
     first_call_s = time.perf_counter() - t0
     times, step_counts = {}, {}
     for n in (short, short + steps):
-        best = float("inf")
-        for _ in range(2):
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            t0 = time.perf_counter()
-            target.generate(prompt, max_new_tokens=n, **kwargs)
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            best = min(best, time.perf_counter() - t0)
-        times[n] = best
+        times[n] = best_generate_time(target, prompt, n, kwargs)
         stats = getattr(drafter, "last_stats", None)
         # The native route keeps no statistics: at tau ~1 it verifies once per token after the first.
-        step_counts[n] = stats.verify_steps if (stats is not None and not native) else n - 1
+        step_counts[n] = stats.steps if (stats is not None and not native) else n - 1
     per_step = (times[short + steps] - times[short]) / max(step_counts[short + steps] - step_counts[short], 1)
     return {"per_step_s": per_step, "first_call_s": first_call_s, "times_s": {str(k): v for k, v in times.items()},
             "steps": {str(k): v for k, v in step_counts.items()}}

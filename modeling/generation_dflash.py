@@ -36,7 +36,8 @@ class DFlashStats:
 
     @property
     def steps(self) -> int:
-        return len(self.acceptance_lengths)
+        """Verify steps of the call: of the whole batch when the engine ran it, else one per acceptance length."""
+        return self.verify_steps if self.verify_steps is not None else len(self.acceptance_lengths)
 
 
 def is_dflash_drafter(model) -> bool:

@@ -13,7 +13,6 @@ Importing this module also routes `target.generate(assistant_model=drafter)` to 
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 from torch import nn

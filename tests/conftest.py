@@ -29,3 +29,24 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# The three target families of the lossless suites; a module that defines its own `target` fixture overrides these.
+FAMILIES = ["qwen3", "llama", "gemma3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def target(request):
+    """A tiny random target of each family in turn (module-scoped: built once per family and module)."""
+    from helpers import tiny_target
+
+    return tiny_target(request.param)
+
+
+@pytest.fixture
+def oracle(target):
+    """An `OracleDrafter` (block 8) for `target`: drafts the target's own continuation."""
+    from helpers import OracleDrafter
+
+    with OracleDrafter.for_target(target, block_size=8) as drafter:
+        yield drafter

@@ -178,6 +178,17 @@ def greedy(target, input_ids, max_new_tokens, **kw):
                            max_new_tokens=max_new_tokens, **kw)
 
 
+class StopAfterToken:
+    """A user stopping criterion (transformers' protocol): stops a row once `token` appears after `prompt_len`
+    positions. Not an EOS id, so only the generic criteria path can stop there."""
+
+    def __init__(self, token: int, prompt_len: int):
+        self.token, self.prompt_len = token, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, self.prompt_len :] == self.token).any(-1)
+
+
 def run_main(args, capsys) -> tuple[int, str, str]:
     """`(exit code, stdout, stderr)` of the console script's entry point run in-process (argparse errors exit
     through SystemExit)."""

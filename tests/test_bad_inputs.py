@@ -24,7 +24,7 @@ import transformers
 from helpers import greedy, random_prompt, tiny_drafter, tiny_target, tiny_tokenizer
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, GenerationMixin, TextStreamer
+from transformers import AutoModel, TextStreamer
 
 import dflash_hf
 from dflash_hf import DFlashDecoder, DFlashDraftModel

@@ -12,27 +12,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import (OracleDrafter, first_new_token_after, greedy, random_prompt, tiny_chat_tokenizer, tiny_drafter,
+from helpers import (StopAfterToken, first_new_token_after, greedy, random_prompt, tiny_chat_tokenizer, tiny_drafter,
                      tiny_target, tiny_tokenizer)
-from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import GenerationMixin, StoppingCriteriaList, pipeline
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from dflash_hf import DFlashDecoder
 from dflash_hf.modeling import integration_dflash
 
-FAMILIES = ["qwen3", "llama", "gemma3"]
 PAD = 0
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def target(request):
-    return tiny_target(request.param)
-
-
-@pytest.fixture
-def oracle(target):
-    with OracleDrafter.for_target(target, block_size=8) as drafter:
-        yield drafter
 
 
 def left_padded(prompts: list[torch.LongTensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -117,13 +105,6 @@ def test_max_length_min_new_tokens_and_eos_list(target, oracle):
                                   pad_token_id=PAD, **length_kw, **kw)
             assert torch.equal(out, expected)
 
-
-class StopAfterToken(StoppingCriteria):
-    def __init__(self, token: int, prompt_len: int):
-        self.token, self.prompt_len = token, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return (input_ids[:, self.prompt_len:] == self.token).any(-1)
 
 
 def test_stop_strings_and_stopping_criteria_in_a_batch(target, oracle):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     OracleDrafter,
+    StopAfterToken,
     first_new_token_after,
     greedy,
     random_prompt,
@@ -20,21 +21,9 @@ from helpers import (
     tiny_target,
     tiny_tokenizer,
 )
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, TextStreamer
+from transformers import StoppingCriteriaList, TextIteratorStreamer, TextStreamer
 
-FAMILIES = ["qwen3", "llama", "gemma3"]
-BLOCK = 8
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def target(request):
-    return tiny_target(request.param)
-
-
-@pytest.fixture
-def oracle(target):
-    with OracleDrafter.for_target(target, block_size=BLOCK) as drafter:
-        yield drafter
+BLOCK = 8  # the block size of the `oracle` fixture (conftest.py)
 
 
 def check_stats(drafter, out, prompt):
@@ -113,15 +102,6 @@ def test_logits_processor_repetition_penalty(target, oracle):
     drafter = tiny_drafter(target, block_size=BLOCK)
     assert torch.equal(greedy(target, prompt, 30, assistant_model=drafter, **kw), expected)
 
-
-class StopAfterToken(StoppingCriteria):
-    """Stops once `token` has been generated (not an EOS id, so only the generic criteria path can stop there)."""
-
-    def __init__(self, token: int, prompt_len: int):
-        self.token, self.prompt_len = token, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return (input_ids[:, self.prompt_len :] == self.token).any(-1)
 
 
 def test_custom_stopping_criterion_inside_a_block(target, oracle):

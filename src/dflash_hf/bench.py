@@ -874,9 +874,9 @@ def _door_runner(ctx: Context, extra: dict[str, Any]) -> Callable[[Item, int], R
                                   **ctx.generate_kwargs(max_new_tokens), **extra)
         stats = ctx.drafter.last_stats
         flat = list(stats.acceptance_lengths)
-        return RunOutput(tokens=ctx.trim(out[:, item.input_ids.shape[1]:].tolist()), steps=stats.verify_steps,
-                         committed=sum(flat), target_forwards=stats.verify_steps + 1,
-                         draft_forwards=stats.verify_steps, acceptance=flat)
+        return RunOutput(tokens=ctx.trim(out[:, item.input_ids.shape[1]:].tolist()), steps=stats.steps,
+                         committed=sum(flat), target_forwards=stats.steps + 1, draft_forwards=stats.steps,
+                         acceptance=flat)
 
     return run
 
