@@ -24,11 +24,16 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 @dataclass
 class DFlashStats:
     """What one DFlash generate call did. `acceptance_lengths[i]` tokens were committed by verify step i of a row
-    (bonus included, so 1 <= tau <= block_size), row after row. `verify_steps` counts the steps of the whole batch
-    (each verifies every unfinished row at once). Read it after a call as `drafter.last_stats`."""
+    (bonus included, so 1 <= tau <= block_size), row after row. When the batched engine ran the call, `verify_steps`
+    counts the steps of the whole batch (each verifies every unfinished row at once) and `time_prefill`,
+    `time_draft`, `time_verify` are its seconds in each part (synchronised on CUDA). Read it after a call as
+    `drafter.last_stats`."""
 
     acceptance_lengths: list[int] = field(default_factory=list)
     verify_steps: int | None = None
+    time_prefill: float | None = None
+    time_draft: float | None = None
+    time_verify: float | None = None
 
     @property
     def mean_acceptance_length(self) -> float:

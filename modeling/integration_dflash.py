@@ -218,7 +218,8 @@ def decode_prepared_call(target, drafter, options: EngineOptions, input_ids, log
         **plan.sampling,
     )
     drafter.last_stats = DFlashStats(acceptance_lengths=[n for row in out.acceptance_lengths for n in row],
-                                     verify_steps=out.steps)
+                                     verify_steps=out.steps, time_prefill=out.time_prefill,
+                                     time_draft=out.time_draft, time_verify=out.time_verify)
     if generation_config.return_dict_in_generate:
         return decoder_only_output(out.sequences)
     return out.sequences

@@ -876,7 +876,8 @@ def _door_runner(ctx: Context, extra: dict[str, Any]) -> Callable[[Item, int], R
         flat = list(stats.acceptance_lengths)
         return RunOutput(tokens=ctx.trim(out[:, item.input_ids.shape[1]:].tolist()), steps=stats.steps,
                          committed=sum(flat), target_forwards=stats.steps + 1, draft_forwards=stats.steps,
-                         acceptance=flat)
+                         acceptance=flat, draft_s=stats.time_draft, verify_s=stats.time_verify,
+                         prefill_s=stats.time_prefill)
 
     return run
 
