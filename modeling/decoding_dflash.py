@@ -197,6 +197,11 @@ class DFlashDecoder:
         self.block_size = drafter.config.block_size if drafter is not None else 1
         self.max_length = max_length
         self.position_limit = limit
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs the target on a CUDA device, but it is on {self.device}; leave cuda_graphs "
+                "unset (on only on CUDA) or pass False."
+            )
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.compile = (self.device.type == "cuda") if compile is None else compile
         layer_types = getattr(text, "layer_types", None) or []

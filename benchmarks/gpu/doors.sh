@@ -15,10 +15,10 @@ if [[ " $PARTS " == *" scale "* ]]; then
     --doors qwen3-8b --hf-static qwen3-8b --out doors_scale_qwen3_8b --results-dir $OUT 2>&1 | grep -v -i warn | tail -30
 fi
 if [[ " $PARTS " == *" bench "* ]]; then
-  timeout 540 python3 -m dflash_hf bench --target smollm2 --drafter bundled --dtype bf16 --device cuda --batch-sizes 1,8 \
-    --max-new-tokens 256 --repeats 2 --prompts 4 --prompt-file benchmarks/prompts/everyday.json --stop-at-eos \
-    --methods ar_eager,ar_static,dflash_loop_graphs,dflash_loop_compiled,dflash_generate,dflash_generate_compiled,hf_dflash \
-    --time-budget 480 --method-time-limit 30 --out doors_smollm2 --results-dir $OUT 2>&1 | grep -v -i warn \
+  timeout 420 python3 -m dflash_hf bench --target smollm2 --drafter bundled --dtype bf16 --device cuda --batch-sizes 1,8 \
+    --max-new-tokens 256 --repeats 2 --prompts 2 --prompt-file benchmarks/prompts/everyday.json --stop-at-eos \
+    --methods ar_eager,ar_static,dflash_loop_graphs,dflash_generate,hf_dflash \
+    --time-budget 360 --method-time-limit 15 --out doors_smollm2 --results-dir $OUT 2>&1 | grep -v -i warn \
     | grep -E "^\| |Command|failed" | head -40
 fi
 ls -la $OUT
