@@ -21,8 +21,11 @@ the anchor (newest committed token) has no target K/V yet. Each step
 from __future__ import annotations
 
 import functools
+import math
 import re
+import threading
 import time
+import weakref
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,6 +140,44 @@ def _sample(probs: torch.Tensor) -> torch.Tensor:
     return (probs / race).argmax(dim=-1)
 
 
+class OneCallAtATime:
+    """A lock for what one call at a time may use: calls from other threads wait their turn; a call from inside a
+    running call on the same thread (a streamer or callback calling back in) raises instead of deadlocking or
+    corrupting the running call."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> None:
+        if self._owner == threading.get_ident():
+            raise RuntimeError(
+                f"{self.what} was started from inside a running one on the same thread (from a streamer or "
+                "callback?); finish the first call before starting another."
+            )
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc) -> None:
+        self._owner = None
+        self._lock.release()
+
+
+_TARGET_GUARDS: "weakref.WeakKeyDictionary[nn.Module, OneCallAtATime]" = weakref.WeakKeyDictionary()
+_TARGET_GUARDS_LOCK = threading.Lock()
+
+
+def target_guard(target: nn.Module) -> OneCallAtATime:
+    """The guard of `target`: DFlash calls on one target take turns, whatever engine or loop runs them, because each
+    hooks the target's decoder layers for the length of the call (and an engine's caches serve one call at a time)."""
+    with _TARGET_GUARDS_LOCK:
+        guard = _TARGET_GUARDS.get(target)
+        if guard is None:
+            guard = _TARGET_GUARDS[target] = OneCallAtATime(f"a DFlash call on this {type(target).__name__}")
+        return guard
+
+
 def engine_limitation(target: nn.Module, drafter: nn.Module | None) -> str | None:
     """Why the batched loop cannot run this pair, in one sentence with the fix; None when it can."""
     implementation = getattr(target.config, "_attn_implementation", "sdpa") or "sdpa"
@@ -214,6 +255,7 @@ class DFlashDecoder:
         self.can_keep_last_logits = forward_accepts(target, "logits_to_keep")
         self.lm_head = target.get_output_embeddings()
         self._workspaces: dict[tuple, "_Workspace"] = {}
+        self._one_call_at_a_time = target_guard(target)
 
     # ------------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,8 +310,11 @@ class DFlashDecoder:
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}; use do_sample=False for greedy.")
+        if do_sample and not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0 when do_sample=True, got {temperature}; use do_sample=False "
+                "for greedy."
+            )
         if not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
             raise ValueError(
                 f"top_p must be in (0, 1], top_k >= 0 and min_p in [0, 1), got top_p={top_p}, top_k={top_k}, "
@@ -303,15 +348,16 @@ class DFlashDecoder:
             pad_token_id = stops[0] if pad_token_id is None and stops else (pad_token_id or 0)
 
         sampling = _Sampling(do_sample, temperature, top_k, top_p, min_p) if do_sample else _Sampling()
-        workspace = self._workspace(batch, sampling, len(stops), min_new_tokens > 0 and bool(stops))
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        if streamer is not None and stream_prompt:
-            streamer.put(input_ids.cpu())
-        return workspace.run(
-            input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, min_new_tokens, stops,
-            pad_token_id, stopping_criteria, streamer, progress, on_step,
-        )
+        with self._one_call_at_a_time:
+            workspace = self._workspace(batch, sampling, len(stops), min_new_tokens > 0 and bool(stops))
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            if streamer is not None and stream_prompt:
+                streamer.put(input_ids.cpu())
+            return workspace.run(
+                input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, min_new_tokens, stops,
+                pad_token_id, stopping_criteria, streamer, progress, on_step,
+            )
 
     @property
     def compile_failures(self) -> list[str]:
@@ -823,4 +869,5 @@ def generate(
     return decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
 
 
-__all__ = ["DFlashDecoder", "DFlashGenerateOutput", "RowStaticCache", "engine_limitation", "generate"]
+__all__ = ["DFlashDecoder", "DFlashGenerateOutput", "OneCallAtATime", "RowStaticCache", "engine_limitation",
+           "generate", "target_guard"]

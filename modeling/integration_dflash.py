@@ -50,7 +50,7 @@ from transformers.generation.stopping_criteria import (
 )
 
 from .compat_dflash import decoder_only_output, install_generate_hook, prepared_token_ids, run_stock_assisted_loop
-from .decoding_dflash import DFlashDecoder, engine_limitation
+from .decoding_dflash import DFlashDecoder, engine_limitation, target_guard
 from .generation_dflash import (
     DFlashCandidateGenerator,
     DFlashStats,
@@ -376,7 +376,9 @@ def _stock_loop(target, drafter, input_ids, logits_processor, stopping_criteria,
         )
     stats = DFlashStats()
     drafter.last_stats = stats
-    with TargetFeatureCapture(target, drafter.config.target_layer_ids) as capture:
+    # The stock loop hands transformers our generator through an attribute of the target for the length of the call,
+    # so calls on one target take turns (`target_guard`, shared with the engine).
+    with target_guard(target), TargetFeatureCapture(target, drafter.config.target_layer_ids) as capture:
         generator = DFlashCandidateGenerator(target, drafter, capture, generation_config, logits_processor,
                                              stopping_criteria, stats)
         return run_stock_assisted_loop(target, generator, input_ids, logits_processor, stopping_criteria,

@@ -7,6 +7,9 @@ use, and two target/drafter pairs used alternately do not interfere.
 from __future__ import annotations
 
 import sys
+import threading
+import time
+import warnings
 
 import pytest
 import torch
@@ -207,3 +210,87 @@ def test_batched_loop_stops_at_the_target_eos_by_default():
     assert reference.shape[1] < prompt.shape[1] + NEW and reference[0, -1] == target.generation_config.eos_token_id
     out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=NEW)
     assert out.new_tokens[0] == reference[0, prompt.shape[1]:].tolist()
+
+
+class SlowStreamer:
+    """A streamer that blocks a little on every chunk, so that two calls in two threads overlap."""
+
+    def __init__(self):
+        self.chunks = 0
+
+    def put(self, value):
+        self.chunks += 1
+        time.sleep(0.01)
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("path", ["engine", "stock loop"])
+def test_two_threads_through_plain_generate(pair, path):
+    """Two threads generate with the same pair at once (blocking streamers make them overlap): both get the target's
+    own output, and nothing is left on the target. The stock loop is reached by asking for per-token logits."""
+    target, drafter, prompt, reference = pair
+    other = random_prompt(9, seed=22)
+    expected = {0: reference, 1: greedy(target, other, NEW)}
+    extra = dict(return_dict_in_generate=True, output_logits=True) if path == "stock loop" else {}
+    results, errors = {}, []
+
+    def run(i, ids):
+        try:
+            for _ in range(3):
+                out = greedy(target, ids, NEW, assistant_model=drafter, streamer=SlowStreamer(), **extra)
+                results.setdefault(i, []).append(out.sequences if extra else out)
+        except Exception as error:  # noqa: BLE001 -- reported below
+            errors.append(error)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stock loop's fallback warning
+        threads = [threading.Thread(target=run, args=(i, ids)) for i, ids in enumerate((prompt, other))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    assert not errors, errors
+    for i, outs in results.items():
+        assert len(outs) == 3 and all(torch.equal(out, expected[i]) for out in outs), i
+    assert "_get_candidate_generator" not in target.__dict__
+    assert_no_hooks(target)
+
+
+def test_two_threads_share_one_decoder(pair):
+    target, drafter, prompt, reference = pair
+    decoder = DFlashDecoder(target, drafter, max_length=64)
+    other = random_prompt(9, seed=22)
+    expected = greedy(target, other, NEW)
+    outs, errors = [], []
+
+    def run(ids, want):
+        try:
+            for _ in range(3):
+                out = decoder.generate(ids, max_new_tokens=NEW, streamer=SlowStreamer()).sequences
+                outs.append(torch.equal(out, want))
+        except Exception as error:  # noqa: BLE001 -- reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=a) for a in ((prompt, reference), (other, expected))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert outs == [True] * 6
+
+
+def test_a_call_from_inside_a_running_call_raises(pair):
+    """A streamer that starts another DFlash call on the same target from inside the running one gets a clear
+    RuntimeError instead of a deadlock or a corrupted first call."""
+    target, drafter, prompt, reference = pair
+
+    class Reentrant(SlowStreamer):
+        def put(self, value):
+            greedy(target, prompt, NEW, assistant_model=drafter)
+
+    with pytest.raises(RuntimeError, match="from inside a running one"):
+        greedy(target, prompt, NEW, assistant_model=drafter, streamer=Reentrant())
+    assert torch.equal(greedy(target, prompt, NEW, assistant_model=drafter), reference)
