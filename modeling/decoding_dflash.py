@@ -103,7 +103,11 @@ def _sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
                     ) -> torch.Tensor:
     """`[..., V]` logits -> probabilities after temperature, top-k, top-p and min-p, in transformers' order (all
     shape-static, graph-safe)."""
-    scores = logits.float() / temperature
+    # Shifted so that the top score is 0 and stays 0: a temperature too small for float32 (1e-300 is 0 there) then
+    # gives -inf below the top, i.e. argmax sampling, instead of NaN; softmax is shift-invariant, so nothing else moves.
+    scores = logits.float()
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    scores = torch.where(scores == 0, scores, scores / temperature)
     vocab = scores.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]

@@ -177,6 +177,10 @@ CASES += [
          ("temperature", "got 0.0", "do_sample=False")),
     Case("batched-temperature-negative", lambda e: batched(e, do_sample=True, temperature=-0.5), ValueError,
          ("got -0.5",)),
+    Case("batched-temperature-nan", lambda e: batched(e, do_sample=True, temperature=float("nan")), ValueError,
+         ("finite", "got nan")),
+    Case("batched-temperature-inf", lambda e: batched(e, do_sample=True, temperature=float("inf")), ValueError,
+         ("finite", "got inf")),
     Case("batched-top-p-above-1", lambda e: batched(e, do_sample=True, top_p=1.5), ValueError, ("top_p=1.5", "(0, 1]")),
     Case("batched-top-p-0", lambda e: batched(e, do_sample=True, top_p=0.0), ValueError, ("top_p=0.0", "(0, 1]")),
     Case("batched-top-k-negative", lambda e: batched(e, do_sample=True, top_k=-1), ValueError, ("top_k=-1", ">= 0")),
@@ -242,6 +246,12 @@ def test_decoding_modes_a_speculative_decoder_cannot_serve_raise(env, kw, named)
             plain(env, **kw)
     finally:
         assert_recovers(env, "plain")
+
+
+def test_a_temperature_too_small_for_float32_samples_the_argmax(env):
+    """1e-300 is 0 in float32: the engine's sampler must give the greedy tokens, not NaN probabilities (token 0)."""
+    out = batched(env, do_sample=True, temperature=1e-300)
+    assert torch.equal(out.sequences, env.reference)
 
 
 def test_drafter_vocab_size_differs_from_target(env):
