@@ -370,6 +370,27 @@ def test_cli_export_refuses_overwrite_and_wrong_target(exported, tmp_path, capsy
     (out / "keep.txt").write_text("user data")
     code, _, err = run_main(["export", drafter_dir, "--target", exported["target"], "--out", out], capsys)
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").exists()
+    # --overwrite replaces only a previous export, never a folder of the user's, nor the current folder.
+    code, _, err = run_main(["export", drafter_dir, "--target", exported["target"], "--out", out, "--overwrite"],
+                            capsys)
+    assert code == 2 and "not a previous export" in err and (out / "keep.txt").read_text() == "user data"
+    cwd = os.getcwd()
+    try:
+        os.chdir(out)
+        code, _, err = run_main(["export", drafter_dir, "--target", exported["target"], "--out", ".", "--overwrite"],
+                                capsys)
+    finally:
+        os.chdir(cwd)
+    assert code == 2 and "current folder" in err and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    code, _, err = run_main(["export", drafter_dir, "--target", exported["target"], "--out", out / "keep.txt"],
+                            capsys)
+    assert code == 2 and "is a file" in err
+    previous = tmp_path / "previous"
+    for _ in range(2):  # a previous export is replaced
+        code, _, err = run_main(["export", drafter_dir, "--target", exported["target"], "--out", previous,
+                                 "--overwrite"], capsys)
+        assert code == 0, err
+    assert (previous / "config.json").is_file() and not list(tmp_path.glob(".previous.*"))
 
     shallow = tmp_path / "shallow"
     tiny_target(layers=3).save_pretrained(shallow)

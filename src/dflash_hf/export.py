@@ -428,19 +428,47 @@ def _card_license(readme: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def _looks_like_an_export(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "custom_generate" / "generate.py").is_file()
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside `out` (renamed to `out` when complete)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
+    """A fresh temporary folder beside `out` (renamed to `out` when complete). `--overwrite` replaces only a previous
+    export; the current folder, its parents and any other non-empty folder are never replaced, so an export cannot
+    delete what it did not write."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder path (new, empty, or a previous export).")
+    if out.exists() and any(out.iterdir()):
+        cwd = Path.cwd().resolve()
+        if out == cwd or out in cwd.parents:
+            raise ValueError(
+                f"--out {out} is the current folder or one of its parents; exports go to a folder of their own, "
+                "e.g. --out hub_upload/NAME."
+            )
+        if not overwrite:
+            raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace a previous export.")
+        if not _looks_like_an_export(out):
+            raise ValueError(
+                f"--out {out} is not empty and is not a previous export (no config.json and custom_generate/); "
+                "--overwrite replaces only exports. Choose a new or empty folder."
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
 def _finish(tmp: Path, out: Path) -> ExportResult:
+    """Swap the finished `tmp` in for `out`: the previous export is set aside first and removed only once the new one
+    is in place."""
+    out = out.resolve()
     tmp.chmod(0o755)
+    previous = None
     if out.exists():
-        shutil.rmtree(out)
+        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, previous / out.name)
     os.replace(tmp, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     files = sorted((str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*") if p.is_file())
     return ExportResult(out, files)
 
