@@ -371,6 +371,17 @@ class DFlashDecoder:
                 for fn in (ws.steady_draft, ws.verify_forward)
                 if isinstance(fn, _CompiledOrEager) and fn.failure is not None]
 
+    def evict_sampling_workspaces(self, keep: int) -> int:
+        """Drop the oldest sampling workspaces (static caches and CUDA graphs of one batch size and sampling setting)
+        beyond the newest `keep`; greedy ones stay. Returns how many were dropped. For a long-running server whose
+        clients send many distinct temperatures."""
+        with self._one_call_at_a_time:
+            sampled = [key for key in self._workspaces if key[1].do_sample]
+            dropped = sampled[: max(len(sampled) - keep, 0)]
+            for key in dropped:
+                del self._workspaces[key]
+        return len(dropped)
+
     def _workspace(self, batch: int, sampling: "_Sampling", n_stops: int, min_length: bool) -> "_Workspace":
         key = (batch, sampling, n_stops, min_length)
         if key not in self._workspaces:

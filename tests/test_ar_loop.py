@@ -73,3 +73,15 @@ def test_compiled_ar_loop_equals_greedy():
     assert out.new_tokens == [want]
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert decoder.compile_failures == []
+
+
+def test_evicting_sampling_workspaces_keeps_the_greedy_ones():
+    target = tiny_target("qwen3", layers=2, hidden=32)
+    decoder = DFlashDecoder(target, None, max_length=32)
+    prompt = PROMPT[:, :4]
+    decoder.generate(prompt, max_new_tokens=3)
+    for temperature in (0.5, 0.7, 0.9):
+        decoder.generate(prompt, max_new_tokens=3, do_sample=True, temperature=temperature)
+    assert decoder.evict_sampling_workspaces(keep=1) == 2
+    kept = list(decoder._workspaces)
+    assert [key[1].do_sample for key in kept] == [False, True] and kept[1][1].temperature == 0.9

@@ -312,6 +312,16 @@ def test_seeded_sampling_is_reproducible(client):
     assert dflash_of(first)["batch_size"] == 1  # a seeded request runs alone
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_torch_cannot_take_is_a_400_not_a_hang(client, seed):
+    with pytest.raises(openai.BadRequestError, match="seed must be an integer"):
+        client.with_options(timeout=30, max_retries=0).chat.completions.create(
+            model="m", messages=user("w14"), max_tokens=3, temperature=0.7, seed=seed)
+    response = client.chat.completions.create(model="m", messages=user("w14"), max_tokens=3, temperature=0.7,
+                                              seed=2**64 - 1)  # the largest seed torch takes works
+    assert response.usage.completion_tokens <= 3
+
+
 def test_sampling_settings_do_not_pile_up_decoder_workspaces(server, client):
     from dflash_hf.serve import MAX_SAMPLING_WORKSPACES
 

@@ -63,6 +63,7 @@ DEFAULT_MAX_MODEL_LEN = 8192
 # bounded by the batch-size buckets; sampling ones would grow with every distinct temperature/top-p/top-k a client
 # sends, so only the newest few are kept.
 MAX_SAMPLING_WORKSPACES = 4
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Keys of apply_chat_template that the server sets itself; a client passing them would break the request.
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_tensors", "return_dict", "tokenizer_kwargs",
@@ -215,6 +216,8 @@ def _sampling_params(req: _SamplingFields, max_tokens: int | None, default_max: 
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if not math.isfinite(temperature) or temperature < 0:
         raise APIError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}.", param="temperature")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise APIError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {req.seed}.", param="seed")
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     if not 0 < top_p <= 1:
         raise APIError(f"top_p must be in (0, 1], got {req.top_p}.", param="top_p")
@@ -635,10 +638,11 @@ class Engine:
 
         on_step = post_step if self.decoder is not None and not live else None
         seeded = params.seed is not None and not params.greedy
-        generator = torch.Generator().manual_seed(params.seed) if seeded else None
+        generator = None
         start = time.perf_counter()
         aborted = False
         try:
+            generator = torch.Generator().manual_seed(params.seed) if seeded else None
             if self.decoder is not None:
                 out = self.decoder.generate(
                     input_ids, mask, max_new_tokens=budget, do_sample=not params.greedy,
@@ -693,19 +697,9 @@ class Engine:
         return len(spaces) if isinstance(spaces, dict) else None
 
     def _trim_workspaces(self) -> None:
-        """Drop the oldest sampling workspaces beyond MAX_SAMPLING_WORKSPACES (worker thread, between calls).
-
-        Reaches into `DFlashDecoder._workspaces` (keys `(batch, do_sample, ...)`, insertion-ordered); a public
-        eviction method on the decoder would be the better home for this.
-        """
-        spaces = getattr(self.decoder, "_workspaces", None)
-        if not isinstance(spaces, dict):
-            return
-        sampled = [k for k in spaces if isinstance(k, tuple) and len(k) > 1 and k[1]]
-        for key in sampled[: max(len(sampled) - MAX_SAMPLING_WORKSPACES, 0)]:
-            del spaces[key]
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        """Keep at most MAX_SAMPLING_WORKSPACES sampling workspaces in the decoder (worker thread, between calls)."""
+        if self.decoder.evict_sampling_workspaces(MAX_SAMPLING_WORKSPACES) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _plain_generate(self, input_ids, mask, budget: int, params: SamplingParams, streamer) -> list[list[int]]:
         """`--no-drafter`: one batched `target.generate` call; new tokens per row, cut after the first stop token."""
