@@ -441,7 +441,7 @@ class _HostCommits:
         self.wants_tokens = stopping_criteria is not None or streamer is not None or on_step is not None
         # Each row as the criteria see it: the prompt as given (padding included, as in transformers), then its
         # committed tokens.
-        self.rows = [row for row in input_ids.tolist()] if stopping_criteria is not None else None
+        self.rows = input_ids.tolist() if stopping_criteria is not None else None
 
     def receive(self) -> tuple[list[int], bool]:
         """Tokens committed by the last step per row, and whether every row is done (one host sync)."""
@@ -563,9 +563,9 @@ class _Workspace:
         query_pos = (self.length - 1 - self.pad)[:, None, None] + self.arange_b[None, :, None]  # [b, B, 1]
         is_ctx = slots < self.capacity
         ctx_valid = is_ctx & (slots >= self.pad[:, None, None]) & (slots < (self.length - 1)[:, None, None])
-        window = self.d.drafter.config.draft_window
-        if window is not None:  # the drafter sees the newest `draft_window` context rows, as its own cache keeps them
-            ctx_valid = ctx_valid & (slots >= (self.length - 1 - window)[:, None, None])
+        draft_window = self.d.drafter.config.draft_window
+        if draft_window is not None:  # the newest `draft_window` context rows, as the drafter's own cache keeps them
+            ctx_valid = ctx_valid & (slots >= (self.length - 1 - draft_window)[:, None, None])
         key_pos = torch.where(
             is_ctx, slots - self.pad[:, None, None], (self.length - 1 - self.pad)[:, None, None] + slots - self.capacity
         )
