@@ -336,24 +336,42 @@ def _ids(value) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class EngineSlot:
+    """Where a drafter keeps its engine between generate calls (`drafter._dflash_engine`). A copy or a pickle of the
+    drafter gets an empty slot: the engine's caches, graphs and locks belong to this drafter object alone, and
+    `copy.deepcopy(drafter)` or `torch.save(drafter)` must keep working."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.engine: DFlashDecoder | None = None
+
+    def __deepcopy__(self, memo) -> "EngineSlot":
+        return EngineSlot()
+
+    def __reduce__(self):
+        return (EngineSlot, ())
+
+
 def engine_for(target, drafter, options: EngineOptions, needed_length: int) -> DFlashDecoder:
     """The drafter's engine for `target`, reused while the pair, its device and dtype and the options stay the same
     and its capacity suffices; otherwise replaced (one engine per drafter, so memory stays bounded)."""
     parameter = next(target.parameters())
     key = (id(target), parameter.device, parameter.dtype, options)
-    held = drafter.__dict__.get("_dflash_engine")
-    if held is not None and held[0] == key and held[1].target is target and held[1].max_length >= needed_length:
-        return held[1]
-    previous = held[1].max_length if held is not None and held[0] == key else 0
+    slot = drafter.__dict__.get("_dflash_engine")
+    if not isinstance(slot, EngineSlot):
+        slot = drafter.__dict__["_dflash_engine"] = EngineSlot()
+    held = slot.engine if slot.key == key else None
+    if held is not None and held.target is target and held.max_length >= needed_length:
+        return held
     # Room to grow: the next calls with somewhat longer prompts reuse this engine instead of rebuilding it.
-    capacity = max(needed_length, 2 * previous, 256)
+    capacity = max(needed_length, 2 * (held.max_length if held is not None else 0), 256)
     limit = getattr(target_text_config(target), "max_position_embeddings", None)
     if limit is not None:
         capacity = min(capacity, max(limit, needed_length))
-    drafter.__dict__["_dflash_engine"] = None  # free the old caches before allocating new ones
+    slot.key, slot.engine = None, None  # free the old caches before allocating new ones
     engine = DFlashDecoder(target, drafter, max_length=capacity, cuda_graphs=options.cuda_graphs,
                            compile=options.compile)
-    drafter.__dict__["_dflash_engine"] = (key, engine)
+    slot.key, slot.engine = key, engine
     return engine
 
 

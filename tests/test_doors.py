@@ -8,6 +8,8 @@ Exactness is checked row by row: each row of a batch must equal that row generat
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -68,13 +70,21 @@ def test_batch_of_one_runs_on_the_engine_and_reuses_it(target):
     prompt = random_prompt(7, seed=3)
     expected = greedy(target, prompt, 20)
     assert torch.equal(greedy(target, prompt, 20, assistant_model=drafter), expected)
-    engine = drafter.__dict__["_dflash_engine"][1]
+    engine = drafter._dflash_engine.engine
     assert isinstance(engine, DFlashDecoder) and engine.target is target
     assert torch.equal(greedy(target, prompt[:, :4], 11, assistant_model=drafter), greedy(target, prompt[:, :4], 11))
-    assert drafter.__dict__["_dflash_engine"][1] is engine  # same pair, same options: caches kept between calls
+    assert drafter._dflash_engine.engine is engine  # same pair, same options: caches kept between calls
     long_prompt = random_prompt(300, seed=4)
     assert torch.equal(greedy(target, long_prompt, 10, assistant_model=drafter), greedy(target, long_prompt, 10))
-    assert drafter.__dict__["_dflash_engine"][1].max_length >= 310  # grown for the longer call
+    assert drafter._dflash_engine.engine.max_length >= 310  # grown for the longer call
+    # The engine belongs to this drafter object: a copy or a pickle starts without one, and works.
+    copied = copy.deepcopy(drafter)
+    assert copied._dflash_engine.engine is None
+    assert torch.equal(greedy(target, prompt, 20, assistant_model=copied), expected)
+    buffer = io.BytesIO()
+    torch.save(drafter, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)._dflash_engine.engine is None
 
 
 def test_return_dict_in_generate(target, oracle):
