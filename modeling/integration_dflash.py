@@ -337,9 +337,9 @@ def _ids(value) -> list[int]:
 
 
 class EngineSlot:
-    """Where a drafter keeps its engine between generate calls (`drafter._dflash_engine`). A copy or a pickle of the
-    drafter gets an empty slot: the engine's caches, graphs and locks belong to this drafter object alone, and
-    `copy.deepcopy(drafter)` or `torch.save(drafter)` must keep working."""
+    """Where a drafter keeps its engine between generate calls (`drafter._dflash_engine`). A deep copy of the drafter,
+    or one saved whole with `torch.save`, gets an empty slot: the engine's caches, graphs and locks belong to this
+    drafter object alone, and copying or saving the drafter must keep working."""
 
     def __init__(self):
         self.key: tuple | None = None
