@@ -59,6 +59,11 @@ def prepared_token_ids(generation_config, which: str) -> list[int]:
     value = getattr(generation_config, f"_{which}_token_tensor", None)
     if value is None:
         value = getattr(generation_config, f"{which}_token_id", None)
+    return token_id_list(value)
+
+
+def token_id_list(value) -> list[int]:
+    """Token ids as transformers hands them around (None, an int, a list, a tensor of any shape) -> `list[int]`."""
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
@@ -165,4 +170,5 @@ __all__ = [
     "install_generate_hook",
     "prepared_token_ids",
     "run_stock_assisted_loop",
+    "token_id_list",
 ]

@@ -31,7 +31,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from transformers.generation.logits_process import (
     LogitNormalization,
@@ -49,7 +48,13 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
-from .compat_dflash import decoder_only_output, install_generate_hook, prepared_token_ids, run_stock_assisted_loop
+from .compat_dflash import (
+    decoder_only_output,
+    install_generate_hook,
+    prepared_token_ids,
+    run_stock_assisted_loop,
+    token_id_list,
+)
 from .decoding_dflash import DFlashDecoder, engine_limitation, target_guard
 from .generation_dflash import (
     DFlashCandidateGenerator,
@@ -263,7 +268,7 @@ def _read_prepared_call(input_ids, logits_processor, stopping_criteria, generati
         if isinstance(criterion, MaxLengthCriteria):
             budget = min(budget, criterion.max_length - prompt_len)
         elif isinstance(criterion, EosTokenCriteria):
-            stops += _ids(criterion.eos_token_id)
+            stops += token_id_list(criterion.eos_token_id)
         else:
             others.append(criterion)
     stops = list(dict.fromkeys(stops))
@@ -281,7 +286,7 @@ def _read_prepared_call(input_ids, logits_processor, stopping_criteria, generati
         if isinstance(processor, LogitNormalization):
             continue  # log-softmax: the same argmax and the same distribution
         if isinstance(processor, (MinNewTokensLengthLogitsProcessor, MinLengthLogitsProcessor)):
-            if last_warper >= 0 or set(_ids(processor.eos_token_id)) != set(stops):
+            if last_warper >= 0 or set(token_id_list(processor.eos_token_id)) != set(stops):
                 plan.stock_reasons.append(_option_name(processor))
                 continue
             if isinstance(processor, MinNewTokensLengthLogitsProcessor):
@@ -321,14 +326,6 @@ def _option_name(processor) -> str:
     name = type(processor).__name__
     option = _OPTION_OF_PROCESSOR.get(name)
     return option if option is not None else f"logits_processor=[{name}(...)]"
-
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
