@@ -132,17 +132,17 @@ def drafter_config(name: str, target_cfg, tiny: bool):
         )
         return config, "Qwen3-8B-DFlash-b16 shape (5 layers, all full attention)"
     ids = [1, 3, 5, 7, 9, 10] if tiny else [1, 6, 11, 17, 22, 27]
+    layers = _shrink(tiny, 5, 2)
     config = DFlashConfig(
-        hidden_size=text.hidden_size, intermediate_size=_shrink(tiny, 5632, 128), num_hidden_layers=_shrink(tiny, 5, 2),
+        hidden_size=text.hidden_size, intermediate_size=_shrink(tiny, 5632, 128), num_hidden_layers=layers,
         num_attention_heads=_shrink(tiny, 32, 4), num_key_value_heads=_shrink(tiny, 8, 2), head_dim=_shrink(tiny, 128, 16),
         vocab_size=text.vocab_size, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=262144,
         block_size=16, num_target_layers=text.num_hidden_layers, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"], sliding_window=_shrink(tiny, 2048, 16),
         dflash_config={"mask_token_id": 4, "target_layer_ids": ids},
     )
-    return config, ("gemma-4-26B-A4B-it-DFlash shape (5 layers, hidden 2816, intermediate 5632, 6 target layers); "
-                    "heads 32/8 x 128 assumed (not published); all layers full attention here because the batched "
-                    "loop passes one mask (the released 4 sliding layers have W=2048 > this context, so the same "
-                    "keys are visible)")
+    return config, ("gemma-4-26B-A4B-it-DFlash shape (5 layers: 4 causal sliding W=2048 + 1 full, as released; hidden "
+                    "2816, intermediate 5632, 6 target layers); heads 32/8 x 128 assumed (not published)")
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype):

@@ -13,6 +13,8 @@ version. Versions: 4.57.1 is the declared minimum; CI runs 4.57.1 and the newest
 | stock assisted loop, the fallback (`run_stock_assisted_loop`) | instance override of `_get_candidate_generator`; `_assisted_decoding` | same | same | the generator must expose `num_drafting_tokens` |
 | cache the stock loop can crop back | `DynamicCache()`, full layers | `DynamicCache(config=...)` with past recording | same | same |
 | `return_dict_in_generate` output (`decoder_only_output`) | `GenerateDecoderOnlyOutput` | same | same | same |
+| `logits_to_keep=1` keeps every layer's hidden states whole (`keeps_hidden_states_with_logits_to_keep`) | yes | yes | not on Gemma-4 with KV-shared layers | same |
+| stock loop rolls back recurrent (linear-attention) state (`stock_loop_limitation`) | no | no | no (refuses stateful models) | yes (`activate_past_recording(recurrent_states_to_keep=)`) |
 
 Why `custom_generate=<callable>`: it is generate's public extension point. transformers still merges the generation
 config, builds the logits processors and stopping criteria (stop strings included), computes `max_length` and
@@ -51,6 +53,42 @@ def forward_accepts(model: nn.Module, name: str) -> bool:
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword under which `model.forward` takes its KV cache: `cache` from 5.24, `past_key_values` before."""
     return "cache" if forward_accepts(model, "cache") else "past_key_values"
+
+
+def keeps_hidden_states_with_logits_to_keep(model: nn.Module) -> bool:
+    """Whether `model.forward(logits_to_keep=1)` still computes every position in every layer. Gemma-4 (5.24+) drops
+    all but the kept positions from its first KV-shared layer on, which would cut the target features a drafter
+    reads from the later layers."""
+    if not forward_accepts(model, "logits_to_keep"):
+        return False
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return not getattr(text, "num_kv_shared_layers", 0)
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether the model's layers carry state a KV cache cannot crop (linear attention, convolutions): declared by
+    `_is_stateful` (4.57-5.24) or by non-attention kinds in `config.layer_types` (5.25)."""
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    kinds = set(getattr(text, "layer_types", None) or [])
+    return bool(getattr(model, "_is_stateful", False)) or bool(kinds - {"full_attention", "sliding_attention"})
+
+
+def stock_loop_limitation(model: nn.Module) -> str | None:
+    """Why transformers' assisted loop cannot verify drafts on `model`, with the fix; None when it can."""
+    if not has_recurrent_layers(model):
+        return None
+    recording = getattr(DynamicCache, "activate_past_recording", None)
+    if recording is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "recurrent_states_to_keep"
+                                     for p in inspect.signature(recording).parameters.values()):
+        return None
+    import transformers
+
+    return (
+        f"{type(model).__name__} keeps recurrent linear-attention state, which transformers "
+        f"{transformers.__version__}'s assisted loop cannot roll back after a rejected draft; transformers >= 5.25 "
+        "can (pip install 'transformers>=5.25'), where generate(assistant_model=drafter) and "
+        "speculation_type='dflash' serve this pair one prompt at a time"
+    )
 
 
 def prepared_token_ids(generation_config, which: str) -> list[int]:

@@ -34,8 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .compat_dflash import cache_kwarg, forward_accepts
+from .compat_dflash import cache_kwarg, forward_accepts, keeps_hidden_states_with_logits_to_keep, stock_loop_limitation
 from .generation_dflash import TargetFeatureCapture, check_drafter_fits_target, embed_block, target_text_config
+from .masks_dflash import drafter_block_masks, target_layer_masks, target_mask_windows
 
 
 class RowStaticCache:
@@ -190,14 +191,10 @@ def engine_limitation(target: nn.Module, drafter: nn.Module | None) -> str | Non
             f"the batched DFlash loop passes explicit 4D masks, which the target's attn_implementation="
             f"{implementation!r} cannot take; load the target with attn_implementation='sdpa'"
         )
-    if drafter is not None:
-        config = drafter.config
-        kinds = {(config.layer_is_causal(i), config.layer_window(i)) for i in range(config.num_hidden_layers)}
-        if len(kinds) > 1:
-            return (
-                "the batched DFlash loop passes one 4D mask to every drafter layer, and this drafter mixes "
-                "causal/sliding and full layers"
-            )
+    try:
+        target_mask_windows(target_text_config(target))
+    except ValueError as error:
+        return f"the target {type(target).__name__}: {error}"
     return None
 
 
@@ -228,10 +225,10 @@ class DFlashDecoder:
             check_drafter_fits_target(drafter, target)
         limitation = engine_limitation(target, drafter)
         if limitation is not None:
-            raise ValueError(
-                f"DFlashDecoder: {limitation}. target.generate(assistant_model=drafter) serves such a pair one prompt "
-                "at a time on transformers' assisted loop."
-            )
+            cannot = stock_loop_limitation(target)
+            way_out = ("target.generate(assistant_model=drafter) serves such a pair one prompt at a time on "
+                       "transformers' assisted loop" if cannot is None else f"Nor can the other doors yet: {cannot}")
+            raise ValueError(f"DFlashDecoder: {limitation}. {way_out}.")
         text = target_text_config(target)
         limit = getattr(text, "max_position_embeddings", None)
         if limit is not None and max_length > limit:
@@ -249,14 +246,10 @@ class DFlashDecoder:
             )
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.compile = (self.device.type == "cuda") if compile is None else compile
-        layer_types = getattr(text, "layer_types", None) or []
-        self.target_windows = {
-            kind: (getattr(text, "sliding_window", None) if kind == "sliding_attention" else None)
-            for kind in dict.fromkeys(layer_types)
-        }
+        self.target_windows = target_mask_windows(text)
         self.cache_kwarg = cache_kwarg(target)
         self.pass_cache_position = forward_accepts(target, "cache_position")
-        self.can_keep_last_logits = forward_accepts(target, "logits_to_keep")
+        self.can_keep_last_logits = keeps_hidden_states_with_logits_to_keep(target)
         self.lm_head = target.get_output_embeddings()
         self._workspaces: dict[tuple, "_Workspace"] = {}
         self._one_call_at_a_time = target_guard(target)
@@ -536,27 +529,21 @@ class _Workspace:
 
     # ---------------------------------------------------------------------------------------------- masks & positions
     def _target_mask(self, query_slots: torch.Tensor, dtype) -> torch.Tensor | dict:
-        """4D additive mask `[batch, 1, q, capacity]` (or a dict per layer type) for target queries at `query_slots`."""
+        """4D additive mask `[batch, 1, q, capacity]` (or a dict per layer type) for target queries at `query_slots`.
+
+        Slots and positions differ by the row's padding only, so the rule runs on slots. Keys before `pad` are
+        padding; a padding query sees itself, so that no row of the mask is empty.
+        """
         keys = self.slot_ids[: self.capacity][None, None, :]
         q = query_slots[:, :, None]
-        base = (keys >= self.pad[:, None, None]) & (keys <= q)
-        base = base | (keys == q)  # padding queries see themselves, so no row is all-masked
+        valid = (keys >= self.pad[:, None, None]) | (keys == q)
+        return target_layer_masks(self.d.target_windows, q, keys, valid, dtype)
 
-        def additive(visible):
-            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-            return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+    def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor | dict:
+        """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call, or one per drafter layer
+        type when the drafter mixes patterns (e.g. causal sliding layers and a full layer).
 
-        if not self.d.target_windows:
-            return additive(base)
-        return {
-            kind: additive(base if window is None else base & (q - keys < window))
-            for kind, window in self.d.target_windows.items()
-        }
-
-    def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor:
-        """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call (one for every layer).
-
-        Context slots are visible from `pad` (or, with the drafter's `draft_window`, from `draft_window` rows back) up
+        Context slots are valid from `pad` (or, with the drafter's `draft_window`, from `draft_window` rows back) up
         to the anchor (exclusive); scratch slots hold the block itself. The static cache still holds every row.
         """
         slots = self.slot_ids[None, None, :]
@@ -569,18 +556,7 @@ class _Workspace:
         key_pos = torch.where(
             is_ctx, slots - self.pad[:, None, None], (self.length - 1 - self.pad)[:, None, None] + slots - self.capacity
         )
-        visible = ctx_valid | ~is_ctx
-        # Every drafter layer has the same kind here (`engine_limitation` refuses mixed drafters).
-        config = self.d.drafter.config
-        causal, window = config.layer_is_causal(0), config.layer_window(0)
-        if causal:
-            visible = visible & (key_pos <= query_pos)
-        if window is not None:
-            visible = visible & (query_pos - key_pos < window)
-            if not causal:
-                visible = visible & (key_pos - query_pos < window)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-        return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+        return drafter_block_masks(self.d.drafter.config, query_pos, key_pos, ctx_valid | ~is_ctx, dtype)
 
     # ---------------------------------------------------------------------------------------------------- the steps
     def _draft(self, n_ctx: int) -> None:

@@ -10,6 +10,7 @@ from .configuration_dflash import DFlashConfig
 from .decoding_dflash import DFlashDecoder  # noqa: F401
 from .generation_dflash import DFlashStats
 from .integration_dflash import install_generate_integration  # noqa: F401
+from .masks_dflash import drafter_block_masks  # noqa: F401
 from .modeling_dflash import DFlashDraftModel
 
 __all__ = ["DFlashConfig", "DFlashDraftModel", "DFlashStats"]

@@ -53,6 +53,7 @@ from .compat_dflash import (
     install_generate_hook,
     prepared_token_ids,
     run_stock_assisted_loop,
+    stock_loop_limitation,
     token_id_list,
 )
 from .decoding_dflash import DFlashDecoder, engine_limitation, target_guard
@@ -375,6 +376,10 @@ def engine_for(target, drafter, options: EngineOptions, needed_length: int) -> D
 def _stock_loop(target, drafter, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
                 model_kwargs, reasons: list[str]):
     listed = ", ".join(reasons)
+    cannot = stock_loop_limitation(target)
+    if cannot is not None:
+        raise ValueError(f"generate(assistant_model=<DFlash drafter>): the batched DFlash engine cannot serve this call "
+                         f"({listed}), and {cannot}.")
     if input_ids.shape[0] > 1:
         raise ValueError(
             f"generate(assistant_model=<DFlash drafter>) on a batch of {input_ids.shape[0]} cannot honour {listed}: "

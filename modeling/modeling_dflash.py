@@ -25,6 +25,7 @@ from .configuration_dflash import DFlashConfig
 from .decoding_dflash import DFlashDecoder  # noqa: F401  (imported directly, so 4.57 copies it with the remote code)
 from .generation_dflash import DFlashStats, dflash_spec_generate
 from .integration_dflash import install_generate_integration
+from .masks_dflash import additive_mask, block_visibility
 
 
 # from_pretrained kwargs that say where config.json lives (the set AutoModel forwards).
@@ -92,26 +93,18 @@ def build_block_attention_mask(
 ) -> torch.Tensor | None:
     """Additive mask `[batch or 1, 1, q_len, kv_len]` for block queries over `[cached ; ctx ; block]` keys.
 
-    Keys are indexed by cache row, and the block queries are the last `q_len` rows. Full layers see every valid key;
-    causal sliding layers see key `j` from query `i` iff `j <= i` and `i - j < window` (HF windows include the
-    current token). `key_padding` is `[batch, kv_len]`, 1 for real keys. Returns None when nothing is masked.
+    Keys are indexed by cache row, which is their absolute position, and the block queries are the last `q_len` rows;
+    the rule is `masks_dflash.block_visibility`. `key_padding` is `[batch, kv_len]`, 1 for real keys. Returns None
+    when nothing is masked.
     """
     if not causal and window is None and key_padding is None:
         return None
-    query_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    key_idx = torch.arange(kv_len, device=device)[None, :]
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if causal:
-        visible &= key_idx <= query_idx
-    if window is not None:
-        visible &= (query_idx - key_idx) < window
-        if not causal:
-            visible &= (key_idx - query_idx) < window
-    visible = visible[None, None]
+    query_idx = torch.arange(kv_len - q_len, kv_len, device=device)[None, :, None]
+    key_idx = torch.arange(kv_len, device=device)[None, None, :]
+    visible = block_visibility(query_idx, key_idx, causal=causal, window=window)  # [1, q_len, kv_len]
     if key_padding is not None:
-        visible = visible & key_padding[:, None, None, -kv_len:].bool()
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~visible, torch.finfo(dtype).min)
+        visible = visible & key_padding[:, None, -kv_len:].bool()
+    return additive_mask(visible, dtype)
 
 
 class DFlashAttention(nn.Module):
@@ -135,6 +128,7 @@ class DFlashAttention(nn.Module):
         # Read by transformers' sdpa/flash wrappers when no mask is passed.
         self.is_causal = config.layer_is_causal(layer_idx)
         self.sliding_window = config.layer_window(layer_idx)
+        self.layer_type = config.layer_type(layer_idx)
 
     def forward(
         self,
@@ -157,6 +151,8 @@ class DFlashAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         implementation = self.config._attn_implementation or "eager"
+        if isinstance(attention_mask, dict):  # one ready 4D mask per layer type (masks_dflash.drafter_block_masks)
+            attention_mask = attention_mask[self.layer_type]
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask
         else:
@@ -331,8 +327,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
             noise_embeds: `[batch, block, hidden]` target embeddings of `[anchor, MASK, ...]`.
             context_hidden_states: `[batch, n_ctx, len(ids) * hidden]` target features of the new context rows.
             position_ids: `[batch, n_ctx + block]` absolute positions of the context rows, then of the block.
-            attention_mask: optional `[batch, cached + n_ctx + block]` key padding mask (1 = real token), or a ready
-                4D additive mask `[batch, 1, block, cached + n_ctx + block]`.
+            attention_mask: optional `[batch, cached + n_ctx + block]` key padding mask (1 = real token), a ready
+                4D additive mask `[batch, 1, block, cached + n_ctx + block]` for every layer, or a dict of such masks
+                keyed by layer type (`masks_dflash.drafter_block_masks`).
             past_key_values / cache: draft KV cache; the caller crops the block rows after the call.
             noise_embedding / target_hidden: z-lab's names for `noise_embeds` / `context_hidden_states`; with them
                 the call returns the tensor `[batch, block, hidden]` instead of a model output.

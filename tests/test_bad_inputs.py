@@ -103,10 +103,6 @@ def pair(env: Env) -> torch.LongTensor:
     return torch.cat([env.prompt, random_prompt(6, seed=12)])
 
 
-def mixed_kind_drafter(env: Env) -> DFlashDraftModel:
-    return other_drafter(env, layer_types=["sliding_attention", "full_attention"], sliding_window=4)
-
-
 def hidden48_drafter(env: Env) -> DFlashDraftModel:
     return tiny_drafter(tiny_target("qwen3", layers=6, hidden=48), layer_ids=[1, 3])  # fc 96 in, target gives 128
 
@@ -192,8 +188,6 @@ CASES += [
          ("(1, 0)", "prompt_len >= 1")),
     Case("batched-decoder-max-length", lambda e: DFlashDecoder(e.target, e.drafter, max_length=8).generate(
         e.prompt, max_new_tokens=5), ValueError, ("11", "max_length 8", "max_length=11")),
-    Case("batched-mixed-drafter-layer-kinds", lambda e: batched(e, drafter=mixed_kind_drafter(e)), ValueError,
-         ("mix", "assistant_model=drafter")),
     Case("batched-cuda-graphs-on-cpu", lambda e: batched(e, cuda_graphs=True), ValueError,
          ("cuda_graphs=True", "on cpu", "pass False")),
     Case("plain-dflash-cuda-graphs-on-cpu", lambda e: plain(e, do_sample=False, dflash_cuda_graphs=True), ValueError,

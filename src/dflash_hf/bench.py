@@ -691,6 +691,9 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
     """
     from dflash_hf.modeling.decoding_dflash import RowStaticCache
     from dflash_hf.modeling.generation_dflash import embed_block, target_text_config
+    from dflash_hf.modeling.compat_dflash import cache_kwarg as compat_cache_kwarg
+    from dflash_hf.modeling.compat_dflash import forward_accepts
+    from dflash_hf.modeling.masks_dflash import drafter_block_masks, target_layer_masks, target_mask_windows
 
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
@@ -698,23 +701,14 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
     B = drafter.config.block_size
     if context + B > capacity:
         raise ValueError(f"context {context} + block {B} exceeds capacity {capacity}.")
-    cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
-    pass_cache_position = "cache_position" in inspect.signature(target.forward).parameters
-    layer_types = list(dict.fromkeys(getattr(text, "layer_types", None) or []))
-    window = getattr(text, "sliding_window", None)
+    cache_kwarg = compat_cache_kwarg(target)
+    pass_cache_position = forward_accepts(target, "cache_position")
+    windows = target_mask_windows(text)
 
     def target_mask(query_slots: torch.Tensor):  # [batch, q] -> [batch, 1, q, capacity] (or a dict per layer type)
         keys = torch.arange(capacity, device=device)[None, None, :]
         q = query_slots[:, :, None]
-        visible = keys <= q
-
-        def additive(v):
-            return torch.zeros(v.shape, dtype=dtype, device=device).masked_fill(~v, torch.finfo(dtype).min)[:, None]
-
-        if not layer_types:
-            return additive(visible)
-        return {kind: additive(visible & (q - keys < window) if kind == "sliding_attention" and window else visible)
-                for kind in layer_types}
+        return target_layer_masks(windows, q, keys, torch.ones_like(keys, dtype=torch.bool), dtype)
 
     def target_forward_fn(q_len: int):
         cache = RowStaticCache(capacity)
@@ -742,10 +736,11 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
     block_ids = torch.full((batch, B), drafter.config.mask_token_id, dtype=torch.long, device=device)
     features = torch.randn(batch, B, len(drafter.config.target_layer_ids) * text.hidden_size, device=device,
                            dtype=dtype)
-    all_slots = torch.arange(capacity + B, device=device)
-    visible = (all_slots >= capacity) | (all_slots < context)
-    draft_mask = torch.zeros(1, 1, 1, capacity + B, dtype=dtype, device=device).masked_fill(
-        ~visible[None, None, None], torch.finfo(dtype).min).expand(batch, 1, B, -1).contiguous()
+    all_slots = torch.arange(capacity + B, device=device)[None, None, :]
+    is_scratch = all_slots >= capacity
+    key_pos = torch.where(is_scratch, context + all_slots - capacity, all_slots)
+    draft_mask = drafter_block_masks(drafter.config, block_pos[:, :, None], key_pos, is_scratch | (all_slots < context),
+                                     dtype)  # the drafter's own per-layer pattern, as in the loop
 
     def draft_fn():
         draft_cache.write_slots = draft_slots

@@ -309,12 +309,7 @@ def model_card(*, name: str, repo_id: str | None, config: dict, base_model: str 
         warn = ("\n> **Untrained weights.** This export holds randomly initialised weights, useful only to test the "
                 "plumbing: expect an acceptance length near 1 and no speedup.\n")
     provenance = f"\nConverted from `{source}` without changing a tensor.\n" if source else ""
-    mixed = len(set(config.get("layer_types") or ["full_attention"])) > 1
-    route4 = ("# 4. custom_generate: the same engine as route 1, as a transformers custom_generate repository.\n"
-              if not mixed else
-              "# 4. custom_generate: the same as route 1. This drafter mixes sliding and full attention layers,\n"
-              "#    which the batched engine does not run yet: it decodes one prompt at a time on transformers'\n"
-              "#    assisted loop (lossless, slower).\n")
+    route4 = "# 4. custom_generate: the same engine as route 1, as a transformers custom_generate repository.\n"
     if metrics is not None:
         results = "## Measured results\n\n" + metrics_markdown(metrics) + "\n"
     else:
@@ -401,8 +396,7 @@ weights need no change.
 {results}
 ## Limitations
 
-- transformers' assisted loop (routes 1-3) runs one sequence at a time; route 4 takes batches, but not yet for
-  drafters that mix sliding and full attention layers (Gemma-4, Qwen3.6 style).
+- Routes 1, 2 and 4 run the batched engine; transformers' native route (3) runs one sequence at a time.
 - The drafter must run with the target it was trained for: `target_layer_ids` index that target's layers and the
   drafter borrows its embedding and LM head.
 - Acceptance is highest on the kind of text the drafter was trained on, and drops with a chat template or thinking

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 
 from dflash_hf.modeling.compat_dflash import attention_interface
 from dflash_hf.modeling.configuration_dflash import DFlashConfig
+from dflash_hf.modeling.masks_dflash import additive_mask, block_visibility
 from dflash_hf.modeling.modeling_dflash import DFlashDraftModel
 
 # Query rows per group: a multiple of the attention kernels' tiles that keeps the re-used context a small share.
@@ -57,16 +58,12 @@ def packed_visibility(
     q_anchor = anchors.reshape(b * (m // g), g).repeat_interleave(B, dim=1)  # [b * G, g * B]
     q_offset = torch.arange(B, device=device).repeat(g)  # [g * B]
     q_block = torch.arange(g, device=device).repeat_interleave(B)  # [g * B]
-    t = torch.arange(ctx_len, device=device)
-    ctx = t[None, None, :] < q_anchor[:, :, None]  # [b * G, g * B, T]
-    if window is not None:
-        ctx &= (q_anchor[:, :, None] + q_offset[None, :, None] - t[None, None, :]) < window
-    own = q_block[:, None] == q_block[None, :]  # [g * B, g * B]
-    delta = q_offset[:, None] - q_offset[None, :]  # query offset - key offset
-    if causal:
-        own &= delta >= 0
-    if window is not None:
-        own &= delta.abs() < window
+    t = torch.arange(ctx_len, device=device)[None, None, :]
+    # Context keys sit at their own positions, block queries at anchor + offset (the drafter's rule, both ways).
+    ctx = (t < q_anchor[:, :, None]) & block_visibility((q_anchor + q_offset[None])[:, :, None], t, causal=causal,
+                                                         window=window)  # [b * G, g * B, T]
+    own = (q_block[:, None] == q_block[None, :]) & block_visibility(q_offset[:, None], q_offset[None, :],
+                                                                    causal=causal, window=window)  # [g * B, g * B]
     return torch.cat([ctx, own.expand(ctx.shape[0], -1, -1)], dim=-1)[:, None]
 
 
@@ -93,9 +90,7 @@ def layer_attention_masks(
             visible = packed_visibility(anchors, ctx_len, config.block_size, causal=pattern[0], window=pattern[1],
                                         blocks_per_group=blocks_per_group)
             if additive:
-                visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-                    ~visible, torch.finfo(dtype).min
-                )
+                visible = additive_mask(visible[:, 0], dtype)
             by_pattern[pattern] = visible
         masks.append(by_pattern[pattern])
     return masks

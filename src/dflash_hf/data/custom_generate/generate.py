@@ -22,6 +22,7 @@ from .compat_dflash import install_generate_hook  # noqa: F401
 from .decoding_dflash import DFlashDecoder  # noqa: F401
 from .generation_dflash import DFlashStats  # noqa: F401
 from .integration_dflash import install_generate_integration
+from .masks_dflash import drafter_block_masks  # noqa: F401
 
 
 def generate(model, assistant_model=None, cuda_graphs=None, compile=None, **generate_arguments):

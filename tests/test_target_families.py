@@ -1,0 +1,230 @@
+"""The engine against transformers' own greedy decoding, for every target family transformers ships that DFlash can
+serve, with contexts longer than the target's sliding window (issue: target windows read as transformers reads them).
+
+Then the released pairs' shapes through every door: Gemma-4 MoE with a 4-sliding + 1-full drafter, and hybrid
+linear-attention targets (Qwen3-Next, Qwen3.5), which are refused with a clear error wherever they cannot be served
+exactly.
+
+Each family is a tiny random config of the real class with a small window (8) where the family has one, so that a
+30-token prompt and 24 new tokens cross it. Windows come in three forms: `layer_types` (Gemma-2/3/4, Qwen2/3 with
+`use_sliding_window`), a bare `sliding_window` that applies to every layer (Mistral, Phi-3, Starcoder2), and none.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from helpers import VOCAB, OracleDrafter, greedy, random_prompt, tiny_drafter, tiny_tokenizer
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+
+import dflash_hf
+from dflash_hf.modeling.compat_dflash import stock_loop_limitation
+
+WINDOW = 8
+HIDDEN, HEADS, LAYERS = 32, 4, 4
+
+
+def _common() -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, max_position_embeddings=256,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _layered(kinds: str) -> list[str]:
+    """'ssf' -> sliding, sliding, full, repeated over the layers."""
+    names = {"s": "sliding_attention", "f": "full_attention"}
+    return [names[kinds[i % len(kinds)]] for i in range(LAYERS)]
+
+
+# model_type -> extra config kwargs. Windows are WINDOW wherever the family has one.
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2, head_dim=HIDDEN // HEADS),
+    "mistral": dict(sliding_window=WINDOW),
+    "phi3": dict(sliding_window=WINDOW, pad_token_id=0),
+    "starcoder2": dict(sliding_window=WINDOW),
+    "gemma2": dict(sliding_window=WINDOW, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(sliding_window=WINDOW, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
+                        layer_types=_layered("ssf")),
+    # gemma-4-26B-A4B's text shape in small: MoE beside the dense MLP, keys = values on the global layers, global
+    # layers with their own head size and KV heads, softcapping, scaled embeddings.
+    "gemma4_text": dict(sliding_window=WINDOW, head_dim=HIDDEN // HEADS, global_head_dim=2 * HIDDEN // HEADS,
+                        num_global_key_value_heads=1, attention_k_eq_v=True, enable_moe_block=True, num_experts=4,
+                        top_k_experts=2, moe_intermediate_size=HIDDEN, hidden_size_per_layer_input=0,
+                        final_logit_softcapping=30.0, layer_types=_layered("ssf")),
+    # gemma-4-E2B-style: per-layer input embeddings and the last layers reusing earlier layers' keys/values.
+    "gemma4_text/e2b": dict(sliding_window=WINDOW, head_dim=HIDDEN // HEADS, global_head_dim=2 * HIDDEN // HEADS,
+                            hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=2,
+                            layer_types=_layered("sf"), final_logit_softcapping=30.0),
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),
+    "olmo2": {},
+    "cohere": dict(logit_scale=1.0),
+}
+
+
+def build_target(family: str, **overrides):
+    """A tiny random target of `family` (a key of FAMILIES: a model_type, optionally '/variant')."""
+    model_type = family.split("/")[0]
+    try:
+        config = AutoConfig.for_model(model_type, **{**_common(), **FAMILIES[family], **overrides})
+    except (KeyError, ValueError):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    # Gemma-2 softcaps attention logits, which sdpa cannot do: transformers itself serves it eagerly.
+    config._attn_implementation = "eager" if model_type.startswith("gemma") else "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # sharper, varied greedy paths, far from ties (as tests/helpers.tiny_target)
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(8.0 if ("embed" in name or "lm_head" in name) else 2.0)
+    return model
+
+
+def _engine_matches_hf(target, drafter, prompt_lengths=(30, 21), new=24):
+    """Greedy engine output for a left-padded batch equals `target.generate` for each row alone."""
+    prompts = [random_prompt(n, seed=n) for n in prompt_lengths]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[1]:] = p[0]
+        mask[r, width - p.shape[1]:] = 1
+    out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=new, stop_token_ids=[])
+    for r, p in enumerate(prompts):
+        expected = greedy(target, p, new, eos_token_id=None, min_new_tokens=new)[0, p.shape[1]:].tolist()
+        assert out.new_tokens[r] == expected, f"row {r} (prompt {p.shape[1]} tokens)"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_engine_is_exact_past_the_window(family):
+    target = build_target(family)
+    drafter = tiny_drafter(target, layers=2, block_size=8, layer_ids=[0, LAYERS - 1])
+    _engine_matches_hf(target, drafter)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gemma4_text", "gemma4_text/e2b"])
+def test_engine_is_exact_past_the_window_with_accepted_blocks(family):
+    """An oracle drafter makes whole blocks accepted, so the verify's window edge moves by several tokens a step."""
+    target = build_target(family)
+    with OracleDrafter.for_target(target, block_size=6, layer_ids=[0, LAYERS - 1]) as drafter:
+        prompt = random_prompt(30, seed=3)
+        out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=24, stop_token_ids=[])
+        expected = greedy(target, prompt, 24, eos_token_id=None, min_new_tokens=24)[0, 30:].tolist()
+        assert out.new_tokens[0] == expected
+        assert out.mean_acceptance_length > 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The released pairs' shapes through every door
+# ----------------------------------------------------------------------------------------------------------------------
+
+NATIVE = Version(transformers.__version__) >= Version("5.15.1")
+
+
+def gemma4_pair():
+    """gemma-4-26B-A4B-it + its DFlash drafter in small: the MoE target above, and a drafter of 4 causal sliding
+    layers + 1 full layer reading 3 target layers, with the target's softcap and embedding scale."""
+    target = build_target("gemma4_text")
+    drafter = tiny_drafter(target, layers=5, block_size=6, layer_ids=[0, 1, 3],
+                           layer_types=["sliding_attention"] * 4 + ["full_attention"], sliding_window=5,
+                           final_logit_softcapping=30.0)
+    return target, drafter
+
+
+def test_gemma4_pair_through_every_door():
+    target, drafter = gemma4_pair()
+    prompts = [random_prompt(n, seed=n) for n in (26, 11, 19)]
+    expected = [greedy(target, p, 14, eos_token_id=None)[0, p.shape[1]:].tolist() for p in prompts]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
+
+    out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=14, stop_token_ids=[])
+    assert out.new_tokens == expected  # the engine, a left-padded batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to transformers' loop
+        plain = target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=14,
+                                eos_token_id=None, pad_token_id=0)
+    assert [plain[r, width:].tolist() for r in range(len(prompts))] == expected  # plain generate, same batch
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(p[0]) for p in prompts]
+    reference = pipeline("text-generation", model=target, tokenizer=tokenizer)
+    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    got = assisted(texts, max_new_tokens=14, do_sample=False, batch_size=3)
+    assert [g[0]["generated_text"] for g in got] == [
+        reference(t, max_new_tokens=14, do_sample=False)[0]["generated_text"] for t in texts]
+
+    if NATIVE:  # transformers' own route, one prompt at a time
+        native = greedy(target, prompts[0], 14, assistant_model=drafter, speculation_type="dflash",
+                        eos_token_id=None)
+        assert native[0, prompts[0].shape[1]:].tolist() == expected[0]
+
+
+def test_gemma4_pair_samples_the_target_distribution():
+    """Sampling through the engine on the Gemma-4 pair: the first new token's empirical distribution over many
+    batched rows matches the target's softmax (chi-square)."""
+    target, drafter = gemma4_pair()
+    prompt = random_prompt(9, seed=4)
+    with torch.no_grad():
+        probs = torch.softmax(target(prompt).logits[0, -1].double() / 1.5, -1)
+    rows = 600
+    out = dflash_hf.generate(target, drafter, prompt.expand(rows, -1), max_new_tokens=1, stop_token_ids=[],
+                             do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([r[0] for r in out.new_tokens]), minlength=probs.numel()).double()
+    keep = probs * rows >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expected = torch.cat([probs[keep], probs[~keep].sum()[None]]) * rows
+    chi2 = float(((observed - expected) ** 2 / expected.clamp_min(1e-9)).sum())
+    dof = int(keep.sum())
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hybrid targets (linear attention with recurrent state): refused clearly where they cannot be served exactly
+# ----------------------------------------------------------------------------------------------------------------------
+
+HYBRID = dict(layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=4,
+              linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+              head_dim=HIDDEN // HEADS)
+
+
+def hybrid_target(model_type: str):
+    try:
+        config = AutoConfig.for_model(model_type, **{**_common(), **HYBRID})
+    except (KeyError, ValueError):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
+def test_hybrid_targets_are_served_exactly_or_refused_clearly(model_type):
+    target = hybrid_target(model_type)
+    drafter = tiny_drafter(target, layers=2, block_size=6, layer_ids=[0, 3])
+    prompt = random_prompt(12, seed=1)
+    expected = greedy(target, prompt, 10, eos_token_id=None)
+    with pytest.raises(ValueError, match="linear_attention"):
+        dflash_hf.generate(target, drafter, prompt, max_new_tokens=10)
+    if stock_loop_limitation(target) is None:  # transformers >= 5.25 rolls the recurrent state back
+        with pytest.warns(UserWarning, match="assisted loop"):
+            got = greedy(target, prompt, 10, assistant_model=drafter, eos_token_id=None)
+        assert torch.equal(got, expected)
+        with pytest.raises(ValueError, match="batch of 2"):
+            greedy(target, prompt.expand(2, -1), 10, assistant_model=drafter, eos_token_id=None)
+    else:
+        with pytest.raises(ValueError, match=r"transformers >= 5.25"):
+            greedy(target, prompt, 10, assistant_model=drafter, eos_token_id=None)
+    if NATIVE and stock_loop_limitation(target) is None:
+        native = greedy(target, prompt, 10, assistant_model=drafter, speculation_type="dflash", eos_token_id=None)
+        assert torch.equal(native, expected)
