@@ -211,6 +211,8 @@ class DFlashDecoder:
         compile: run the steady-state draft step and the verify's target forward through `torch.compile` (inductor
             fuses HF's many small kernels; default: when on CUDA); the acceptance stays eager. Compilation happens on
             first use per batch size.
+        max_sampling_workspaces: how many sampling settings (temperature, top-k, top-p, min-p per batch size) keep
+            their static caches and graphs at once; the oldest is dropped for a new one (greedy ones always stay).
     """
 
     def __init__(
@@ -220,7 +222,12 @@ class DFlashDecoder:
         max_length: int = 2048,
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
+        max_sampling_workspaces: int = 4,
     ):
+        if isinstance(max_sampling_workspaces, bool) or not isinstance(max_sampling_workspaces, int) \
+                or max_sampling_workspaces < 1:
+            raise ValueError(f"max_sampling_workspaces must be an int >= 1, got {max_sampling_workspaces!r}.")
+        self.max_sampling_workspaces = max_sampling_workspaces
         if drafter is not None:
             check_drafter_fits_target(drafter, target)
         limitation = engine_limitation(target, drafter)
@@ -345,7 +352,11 @@ class DFlashDecoder:
             pad_token_id = stops[0] if pad_token_id is None and stops else (pad_token_id or 0)
 
         sampling = _Sampling(do_sample, temperature, top_k, top_p, min_p) if do_sample else _Sampling()
-        with self._one_call_at_a_time:
+        # With a generator, the draws come from a private copy of the RNG state seeded from it: the caller's global
+        # torch RNG is the same after the call as before (the captured graphs draw from the default generator).
+        private_rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                            enabled=generator is not None)
+        with self._one_call_at_a_time, private_rng:
             workspace = self._workspace(batch, sampling, len(stops), min_new_tokens > 0 and bool(stops))
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -369,15 +380,20 @@ class DFlashDecoder:
         beyond the newest `keep`; greedy ones stay. Returns how many were dropped. For a long-running server whose
         clients send many distinct temperatures."""
         with self._one_call_at_a_time:
-            sampled = [key for key in self._workspaces if key[1].do_sample]
-            dropped = sampled[: max(len(sampled) - keep, 0)]
-            for key in dropped:
-                del self._workspaces[key]
+            return self._evict_sampled(keep)
+
+    def _evict_sampled(self, keep: int) -> int:
+        sampled = [key for key in self._workspaces if key[1].do_sample]
+        dropped = sampled[: max(len(sampled) - keep, 0)]
+        for key in dropped:
+            del self._workspaces[key]
         return len(dropped)
 
     def _workspace(self, batch: int, sampling: "_Sampling", n_stops: int, min_length: bool) -> "_Workspace":
         key = (batch, sampling, n_stops, min_length)
         if key not in self._workspaces:
+            if sampling.do_sample:  # bounded: each one holds static caches (and graphs) of its own
+                self._evict_sampled(self.max_sampling_workspaces - 1)
             self._workspaces[key] = _Workspace(self, batch, sampling, n_stops, min_length)
         return self._workspaces[key]
 

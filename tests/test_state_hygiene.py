@@ -294,3 +294,33 @@ def test_a_call_from_inside_a_running_call_raises(pair):
     with pytest.raises(RuntimeError, match="from inside a running one"):
         greedy(target, prompt, NEW, assistant_model=drafter, streamer=Reentrant())
     assert torch.equal(greedy(target, prompt, NEW, assistant_model=drafter), reference)
+
+
+def test_a_generator_leaves_the_global_rng_alone(pair):
+    """`generator=` seeds the call's draws; the caller's global RNG continues as if the call had not happened, and
+    one seed gives one output."""
+    target, drafter, prompt, _ = pair
+    decoder = DFlashDecoder(target, drafter, max_length=7 + NEW, cuda_graphs=False, compile=False)
+    torch.manual_seed(123)
+    untouched = torch.rand(4)
+    torch.manual_seed(123)
+    first = decoder.generate(prompt, max_new_tokens=NEW, do_sample=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.rand(4), untouched)
+    again = decoder.generate(prompt, max_new_tokens=NEW, do_sample=True, generator=torch.Generator().manual_seed(5))
+    assert again.new_tokens == first.new_tokens
+
+
+def test_sampling_workspaces_are_bounded(pair):
+    """Forty temperatures do not keep forty sets of static caches: at most `max_sampling_workspaces`, newest kept."""
+    target, drafter, prompt, reference = pair
+    decoder = DFlashDecoder(target, drafter, max_length=7 + NEW, cuda_graphs=False, compile=False,
+                            max_sampling_workspaces=3)
+    decoder.generate(prompt, max_new_tokens=NEW, stop_token_ids=[])
+    for i in range(40):
+        decoder.generate(prompt, max_new_tokens=2, do_sample=True, temperature=0.5 + i / 40)
+    sampled = [key[1].temperature for key in decoder._workspaces if key[1].do_sample]
+    assert sampled == [0.5 + i / 40 for i in (37, 38, 39)]
+    assert [key for key in decoder._workspaces if not key[1].do_sample]  # greedy stays
+    assert decoder.generate(prompt, max_new_tokens=NEW).sequences.tolist() == reference.tolist()
+    with pytest.raises(ValueError, match="max_sampling_workspaces"):
+        DFlashDecoder(target, drafter, max_sampling_workspaces=0)
