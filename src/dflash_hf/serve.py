@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import math
 import queue
 import signal
 import sys
@@ -56,6 +55,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         f"(missing: {error.name})"
     ) from error
 
+from dflash_hf.cli_args import seed_problem, temperature_problem
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -63,7 +63,6 @@ DEFAULT_MAX_MODEL_LEN = 8192
 # bounded by the batch-size buckets; sampling ones would grow with every distinct temperature/top-p/top-k a client
 # sends, so only the newest few are kept.
 MAX_SAMPLING_WORKSPACES = 4
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Keys of apply_chat_template that the server sets itself; a client passing them would break the request.
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_tensors", "return_dict", "tokenizer_kwargs",
@@ -214,10 +213,12 @@ def _sampling_params(req: _SamplingFields, max_tokens: int | None, default_max: 
     if max_tokens is not None and max_tokens < 1:
         raise APIError(f"max_tokens must be >= 1, got {max_tokens}.", param="max_tokens")
     temperature = 1.0 if req.temperature is None else float(req.temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise APIError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}.", param="temperature")
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-        raise APIError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {req.seed}.", param="seed")
+    problem = temperature_problem(temperature)
+    if problem:
+        raise APIError(f"temperature {problem}.", param="temperature")
+    problem = seed_problem(req.seed) if req.seed is not None else None
+    if problem:
+        raise APIError(f"seed {problem}.", param="seed")
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     if not 0 < top_p <= 1:
         raise APIError(f"top_p must be in (0, 1], got {req.top_p}.", param="top_p")

@@ -1,0 +1,83 @@
+"""Hostile and broken input to the `dflash-hf` commands, the drafter config and the server: each ends in one clear
+line (CLI: `dflash-hf <cmd>: error: ...`, no traceback) or an OpenAI-style 4xx/503 body, never a hang, a long run or a
+silently wrong result. Real subprocesses, real files, tiny random models built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import run_main, tiny_drafter, tiny_target
+from test_cli import word_tokenizer
+
+
+def cli(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The console entry point in a subprocess with stdin left open (an interactive prompt would wait on it, so a
+    regression times out here instead of passing on EOF)."""
+    base = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="0")
+    base.pop("HF_TOKEN", None)
+    base.update(env or {})
+    with subprocess.Popen([sys.executable, "-m", "dflash_hf", *map(str, args)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"dflash-hf {' '.join(map(str, args))} still running after {timeout} s:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def one_line_error(result: subprocess.CompletedProcess, command: str, code: int = 2) -> str:
+    """The single error line of a failed command (asserts the exit code and that no traceback was printed)."""
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"dflash-hf {command}: error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    target = tiny_target()
+    target.save_pretrained(tmp / "target")
+    word_tokenizer().save_pretrained(tmp / "target")
+    tiny_drafter(target).save_pretrained(tmp / "drafter")
+    return {"target": tmp / "target", "drafter": tmp / "drafter"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument values checked at parse time
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("value", ["10000000000000000000000000", str(2**64), str(-(2**63) - 1)])
+def test_a_seed_torch_cannot_take_is_refused_at_parse_time(command, value, capsys):
+    extra = ["--prompt", "w9"] if command == "generate" else []
+    code, _, err = run_main([command, "--seed", value, *extra], capsys)
+    assert code == 2
+    assert f"argument --seed: must be an integer in [{-(2**63)}, {2**64 - 1}]" in err and f"got {value}" in err
+
+
+def test_the_largest_and_smallest_seeds_torch_takes_parse():
+    from dflash_hf.cli import build_parser
+
+    for value in (2**64 - 1, -(2**63)):
+        args = build_parser().parse_args(["generate", "--prompt", "w9", "--seed", str(value)])
+        assert args.seed == value
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(command, value, capsys):
+    extra = ["--prompt", "w9"] if command == "generate" else []
+    code, _, err = run_main([command, "--temperature", value, *extra], capsys)
+    assert code == 2
+    assert "argument --temperature: must be a finite number >= 0 (0 = greedy), got" in err
