@@ -81,3 +81,52 @@ def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(comma
     code, _, err = run_main([command, "--temperature", value, *extra], capsys)
     assert code == 2
     assert "argument --temperature: must be a finite number >= 0 (0 = greedy), got" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unusable folders and files: one line, exit 2
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken(folders, tmp_path_factory) -> dict[str, Path]:
+    """A target folder without weights, a drafter whose model.safetensors is cut to its first 100 bytes, a file."""
+    tmp = tmp_path_factory.mktemp("broken")
+    no_weights = tmp / "no_weights"
+    no_weights.mkdir()
+    for path in folders["target"].iterdir():
+        if path.suffix != ".safetensors":
+            (no_weights / path.name).write_bytes(path.read_bytes())
+    corrupt = tmp / "corrupt_drafter"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_bytes((folders["drafter"] / "config.json").read_bytes())
+    (corrupt / "model.safetensors").write_bytes((folders["drafter"] / "model.safetensors").read_bytes()[:100])
+    (tmp / "a_file").write_text("not a folder\n")
+    return {"no_weights": no_weights, "corrupt": corrupt, "file": tmp / "a_file", "tmp": tmp}
+
+
+@pytest.mark.parametrize("command", ["generate", "make-data"])
+def test_a_target_folder_without_weights_is_one_line(command, folders, broken):
+    args = (["--drafter", folders["drafter"], "--prompt", "w9"] if command == "generate"
+            else ["--output", broken["tmp"] / "data.jsonl", "--device", "cpu"])
+    line = one_line_error(cli(command, "--target", broken["no_weights"], *args), command)
+    assert str(broken["no_weights"]) in line and "model.safetensors" in line and "save_pretrained" in line
+
+
+def test_a_corrupt_drafter_is_one_line(folders, broken):
+    line = one_line_error(cli("generate", "--target", folders["target"], "--drafter", broken["corrupt"],
+                              "--prompt", "w9"), "generate")
+    assert str(broken["corrupt"]) in line and "download it again" in line
+
+
+def test_convert_of_a_corrupt_safetensors_file_is_one_line(broken, tmp_path):
+    line = one_line_error(cli("convert", broken["corrupt"], "--out", tmp_path / "out"), "convert")
+    assert f"{broken['corrupt'] / 'model.safetensors'} is not a readable safetensors file" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_out_under_a_file_is_one_line(folders, broken):
+    out = broken["file"] / "sub"
+    line = one_line_error(cli("export", folders["drafter"], "--target", folders["target"], "--out", out), "export")
+    assert f"--out {out} lies under {broken['file']}, which is a file" in line
+    assert broken["file"].read_text() == "not a folder\n"

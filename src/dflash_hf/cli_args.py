@@ -77,3 +77,8 @@ def temperature(text: str) -> float:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+class RuntimeFailure(Exception):
+    """A failure of the world rather than of the input (the network, the Hub); `dflash-hf` prints it on one line and
+    exits 1, where bad input exits 2."""

@@ -439,6 +439,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder path (new, empty, or a previous export).")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out} lies under {blocking}, which is a file, not a folder; pass a folder path "
+                         "outside it.")
     if out.exists() and any(out.iterdir()):
         cwd = Path.cwd().resolve()
         if out == cwd or out in cwd.parents:
@@ -520,7 +524,7 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
     Shapes are checked against the config before anything is written. The card's license is `license`, else the
     one in the release's own README.md metadata, else "other" (check the release's terms before uploading).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     from dflash_hf import DFlashConfig
@@ -537,10 +541,14 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
 
     shapes, keys_by_shard = {}, {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            keys_by_shard[shard] = list(f.keys())
-            for key in f.keys():
-                shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys_by_shard[shard] = list(f.keys())
+                for key in f.keys():
+                    shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+        except SafetensorError as error:
+            raise ValueError(f"{shard} is not a readable safetensors file ({error}); download the release "
+                             "again.") from error
     check_layout(shapes.keys(), expected_shapes(config), shapes)
 
     name = name or Path(out).name

@@ -117,7 +117,9 @@ def weights_dtype(drafter: str):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"DRAFTER {drafter!r} has no *.safetensors weights; pass a drafter folder.")
-    with safe_open(str(files[0]), framework="pt") as f:
+    from dflash_hf.assets import DRAFTER_FOLDER_FIX, explained_load
+
+    with explained_load(f"DRAFTER {drafter!r}", DRAFTER_FOLDER_FIX), safe_open(str(files[0]), framework="pt") as f:
         return f.get_tensor(next(iter(f.keys()))).dtype
 
 

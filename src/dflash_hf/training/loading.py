@@ -54,8 +54,11 @@ def load_target(spec: str, dtype: torch.dtype, device: torch.device):
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    from dflash_hf.assets import TARGET_FOLDER_FIX, explained_load
+
+    with explained_load(f"--target {spec!r}", TARGET_FOLDER_FIX):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model.to(device).eval(), tokenizer
 
 
