@@ -130,3 +130,39 @@ def test_export_out_under_a_file_is_one_line(folders, broken):
     line = one_line_error(cli("export", folders["drafter"], "--target", folders["target"], "--out", out), "export")
     assert f"--out {out} lies under {broken['file']}, which is a file" in line
     assert broken["file"].read_text() == "not a folder\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --push: refused before writing when it cannot happen; a failed upload is one line, exit 1
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_push_while_offline_is_refused_before_anything_is_written(folders, tmp_path):
+    out = tmp_path / "export"
+    result = cli("export", folders["drafter"], "--target", folders["target"], "--out", out, "--push", "me/tiny",
+                 env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_real_token", "HF_HOME": str(tmp_path / "hf")})
+    line = one_line_error(result, "export")
+    assert "HF_HUB_OFFLINE" in line and "drop --push" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("token_from", ["HF_TOKEN", "saved login"])
+def test_push_that_cannot_reach_the_hub_is_one_line_and_keeps_the_folder(token_from, folders, tmp_path):
+    """No network here: the Hub endpoint is a local port nobody listens on, so the upload is refused at once. The
+    token comes from HF_TOKEN or, as huggingface_hub reads it, from the login saved under HF_HOME."""
+    from test_serve import free_port
+
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(home),
+           "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    if token_from == "HF_TOKEN":
+        env["HF_TOKEN"] = "hf_not_a_real_token"
+    else:
+        (home / "token").write_text("hf_not_a_real_token\n")
+    out = tmp_path / "export"
+    result = cli("export", folders["drafter"], "--target", folders["target"], "--out", out, "--push", "me/tiny",
+                 env=env, timeout=120)
+    line = one_line_error(result, "export", code=1)
+    assert f"uploading {out} to https://huggingface.co/me/tiny failed" in line and "--overwrite" in line
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -18,6 +18,7 @@ Nothing in an export is hand-maintained: every `.py` file is copied from the pac
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -592,26 +593,55 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
 
 
 def hub_token() -> str:
-    token = os.environ.get("HF_TOKEN")
+    """The token `--push` uploads with, found as huggingface_hub finds it (`HF_TOKEN`, else the saved login), after
+    checking that the Hub may be contacted at all; `dflash-hf export/convert` call it before writing anything."""
+    from huggingface_hub import constants, get_token
+
+    token = get_token()
     if not token:
         raise ValueError(
-            "--push needs a Hugging Face token with write access in the HF_TOKEN environment variable, e.g. "
-            "HF_TOKEN=hf_... dflash-hf export ... --push REPO_ID (create one at huggingface.co/settings/tokens)."
+            "--push needs a Hugging Face token with write access: log in once with `hf auth login` (or "
+            "`huggingface-cli login`), or set the HF_TOKEN environment variable, e.g. HF_TOKEN=hf_... dflash-hf "
+            "export ... --push REPO_ID (create one at huggingface.co/settings/tokens)."
         )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be uploaded; unset it to "
+                         "--push, or drop --push to only write the folder.")
     return token
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What an upload raises when the network or the Hub fails: OSError covers the OS's connection errors,
+    huggingface_hub's HTTP and offline errors and requests' errors (huggingface_hub < 1.0); newer versions raise the
+    errors of httpx (or its fork httpx2), which are not OSErrors."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload an export folder to the Hub model repo `repo_id` (created if needed); returns the commit URL."""
+    """Upload an export folder to the Hub model repo `repo_id` (created if needed); returns the commit URL.
+
+    A failed upload raises `RuntimeFailure` naming the folder, which is left complete for another try."""
     from huggingface_hub import HfApi
 
+    from dflash_hf.cli_args import RuntimeFailure
+
     token = token or hub_token()
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ValueError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to --push.")
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                             commit_message="Upload DFlash drafter exported by dflash-hf")
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message="Upload DFlash drafter exported by dflash-hf")
+    except _network_errors() as error:
+        raise RuntimeFailure(
+            f"uploading {folder} to https://huggingface.co/{repo_id} failed: {error}. The folder is complete; check "
+            f"the network and the token, then upload it again (the same command with --overwrite)."
+        ) from error
     return str(getattr(info, "commit_url", info))
 
 
