@@ -166,3 +166,39 @@ def test_push_that_cannot_reach_the_hub_is_one_line_and_keeps_the_folder(token_f
     line = one_line_error(result, "export", code=1)
     assert f"uploading {out} to https://huggingface.co/me/tiny failed" in line and "--overwrite" in line
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hostile drafter config.json: refused by name before anything is built
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _drafter_with_config(folders, folder: Path, edit) -> Path:
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((folders["drafter"] / "model.safetensors").read_bytes())
+    config = json.loads((folders["drafter"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    return folder
+
+
+def _set(**changes):
+    def edit(config):
+        config.pop("layer_types", None)  # else transformers' own layer_types length check would answer first
+        config.update(changes)
+        config["dflash_config"].update({k: v for k, v in changes.items() if k in config["dflash_config"]})
+        return config
+    return edit
+
+
+@pytest.mark.parametrize("name, edit, needles", [
+    ("block_size", _set(block_size=200000), ("block_size 200000", "outside 2..1024")),
+    ("num_hidden_layers", _set(num_hidden_layers=200000), ("num_hidden_layers 200000", "outside 1..256")),
+    ("mask_token_id", _set(mask_token_id="<mask>"), ("mask_token_id must be an integer", "'<mask>' (str)")),
+    ("json_list", lambda config: [config], ("config.json holds a JSON list, not an object",)),
+])
+def test_a_hostile_drafter_config_is_refused_quickly_and_by_name(name, edit, needles, folders, tmp_path):
+    drafter = _drafter_with_config(folders, tmp_path / name, edit)
+    # Before the bounds, 200000 layers took minutes to build; 120 s includes a loaded machine's start-up.
+    result = cli("generate", "--target", folders["target"], "--drafter", drafter, "--prompt", "w9", timeout=120)
+    line = one_line_error(result, "generate")
+    assert all(needle in line for needle in needles), line
