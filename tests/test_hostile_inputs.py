@@ -202,3 +202,14 @@ def test_a_hostile_drafter_config_is_refused_quickly_and_by_name(name, edit, nee
     result = cli("generate", "--target", folders["target"], "--drafter", drafter, "--prompt", "w9", timeout=120)
     line = one_line_error(result, "generate")
     assert all(needle in line for needle in needles), line
+
+
+@pytest.mark.parametrize("command", ["generate", "make-data"])
+def test_a_drafter_given_as_target_is_refused_not_prompted(command, folders, tmp_path):
+    """A drafter folder's config names remote code; loading it as the target used to stop at transformers'
+    interactive trust-remote-code question (stdin stays open here, so a regression waits and times out)."""
+    args = (["--drafter", folders["drafter"], "--prompt", "w9"] if command == "generate"
+            else ["--output", tmp_path / "data.jsonl", "--device", "cpu"])
+    line = one_line_error(cli(command, "--target", folders["drafter"], *args, timeout=90), command)
+    assert f"--target {folders['drafter']} is a DFlash drafter, not a target model" in line
+    assert f"--drafter {folders['drafter']}" in line

@@ -272,6 +272,19 @@ def explained_load(what: str, fix: str):
         raise ValueError(f"{what} cannot be loaded: {str(error).rstrip('. ')}; {fix}.") from error
 
 
+def refuse_drafter_as_target(folder: Path, option: str = "--target") -> None:
+    """A ValueError if `folder` holds a DFlash drafter: it is not a causal LM, and loading it as one would stop at
+    transformers' interactive trust-remote-code prompt (its config names our remote code)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: the loader reports it
+    if isinstance(config, dict) and (config.get("model_type") == "dflash_draft"
+                                     or "DFlashDraftModel" in (config.get("architectures") or [])):
+        raise ValueError(f"{option} {folder} is a DFlash drafter, not a target model; pass it as --drafter {folder} "
+                         "and the model it drafts for as --target.")
+
+
 def resolve_target(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """`smollm2` (the embedded default) or a local model folder -> `(model, tokenizer)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -284,9 +297,12 @@ def resolve_target(name: str, dtype: torch.dtype = torch.float32, device: str | 
             f"target {name!r} is neither 'smollm2' (the embedded default) nor a local folder; pass a folder that "
             "holds config.json, the weights and the tokenizer (Hub ids are not fetched by this command)."
         )
+    refuse_drafter_as_target(folder)
+    # trust_remote_code=False: a target needing remote code is refused with transformers' message rather than asking
+    # on stdin, which would block a script or a server start.
     with explained_load(f"target {name!r}", TARGET_FOLDER_FIX):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -315,6 +331,7 @@ __all__ = [
     "has_bundled_drafter",
     "load_bundled_drafter",
     "load_smollm2",
+    "refuse_drafter_as_target",
     "resolve_drafter",
     "resolve_target",
     "smollm2_cache_dir",
