@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import json
 import queue
+import re
 import signal
 import sys
 import threading
@@ -145,6 +146,31 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
 
 
+# OpenAI request bodies nest a few levels (messages -> content parts -> fields); anything deeper is not a request.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_json_values(data: Any) -> None:
+    """An APIError for a body nested deeper than MAX_JSON_DEPTH, or holding a lone UTF-16 surrogate (`"\\ud800"`: valid
+    JSON, but not text any tokenizer can encode). Iterative, so the check itself cannot overflow the stack."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise APIError("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                               "pair), which is not valid Unicode text; send UTF-8 text.", code="invalid_json")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; send a flat OpenAI "
+                           "request.", code="invalid_json")
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items)
+
+
 def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """JSON bytes -> validated request, or an APIError naming the field and the fix."""
     try:
@@ -152,8 +178,12 @@ def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise APIError(f"The request body is not valid JSON ({error}); send a JSON object.",
                        code="invalid_json") from None
+    except RecursionError:  # the C parser recurses once per nesting level
+        raise APIError(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; send a flat OpenAI "
+                       "request.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    _check_json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:
