@@ -213,3 +213,72 @@ def test_a_drafter_given_as_target_is_refused_not_prompted(command, folders, tmp
     line = one_line_error(cli(command, "--target", folders["drafter"], *args, timeout=90), command)
     assert f"--target {folders['drafter']} is a DFlash drafter, not a target model" in line
     assert f"--drafter {folders['drafter']}" in line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The server at SIGTERM: queued requests get 503, every stream ends with [DONE]
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sse_lines(response) -> list[str]:
+    """The `data:` lines of a server-sent-event response read to its end (raises if the stream is cut)."""
+    lines = []
+    while True:
+        line = response.readline()
+        if not line:
+            return lines
+        if line.startswith(b"data: "):
+            lines.append(line[len(b"data: "):].strip().decode())
+
+
+def test_sigterm_answers_queued_requests_503_and_ends_every_stream_with_done(tmp_path):
+    """A long stream runs; a plain and a streaming request wait behind it; SIGTERM. The waiting plain request gets a
+    503 with an OpenAI error body, the waiting stream an error event then [DONE], the running stream (cut after
+    --shutdown-timeout) an error event then [DONE] too, and the process exits 0."""
+    import http.client
+    import signal
+    import time
+
+    from test_serve import ServerProcess, build_tokenizer, http as http_json
+
+    folder = tmp_path / "served"
+    target = tiny_target()
+    target.config.max_position_embeddings = 4096  # room for a stream long enough to be running at SIGTERM
+    target.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    server = ServerProcess(folder, tmp_path / "server.log", "--no-drafter", "--shutdown-timeout", "1")
+    try:
+        server.wait_healthy()
+
+        def post(body: dict) -> http.client.HTTPConnection:
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                               {"Content-Type": "application/json"})
+            return connection
+
+        messages = [{"role": "user", "content": "w30 w31"}]
+        running = post({"messages": messages, "max_tokens": 4000, "temperature": 0, "stream": True}).getresponse()
+        assert running.status == 200
+        while not running.readline().startswith(b"data: {"):  # the stream is live: its batch is running
+            pass
+        queued_plain = post({"messages": messages, "max_tokens": 5, "temperature": 0})
+        queued_stream = post({"messages": messages, "max_tokens": 5, "temperature": 0, "stream": True})
+        deadline = time.monotonic() + 30
+        while http_json("GET", server.base + "/health")[1]["queue_depth"] < 2:
+            assert time.monotonic() < deadline, "the two requests never queued"
+            time.sleep(0.05)
+
+        server.proc.send_signal(signal.SIGTERM)
+        reply = queued_plain.getresponse()
+        body = json.loads(reply.read())
+        assert reply.status == 503, body
+        assert body["error"]["type"] == "service_unavailable" and "shutting down" in body["error"]["message"]
+
+        for response in (queued_stream.getresponse(), running):
+            events = _sse_lines(response)
+            assert events[-1] == "[DONE]", events[-3:]
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "service_unavailable" and "shutting down" in error["message"], error
+        assert server.proc.wait(timeout=30) == 0, server.log.read_text()[-3000:]
+    finally:
+        server.stop()

@@ -64,6 +64,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 # bounded by the batch-size buckets; sampling ones would grow with every distinct temperature/top-p/top-k a client
 # sends, so only the newest few are kept.
 MAX_SAMPLING_WORKSPACES = 4
+# After --shutdown-timeout the running requests are ended with an error; this is how long their last bytes get to
+# reach the clients before uvicorn cancels what is left.
+SHUTDOWN_FLUSH_SECONDS = 2
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Keys of apply_chat_template that the server sets itself; a client passing them would break the request.
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_tensors", "return_dict", "tokenizer_kwargs",
@@ -88,6 +91,11 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def _shutting_down(detail: str | None = None) -> APIError:
+    message = "The server is shutting down" + (f"; {detail}" if detail else "") + ". Retry on another instance."
+    return APIError(message, status=503, type="service_unavailable")
 
 
 def _error_type(status: int) -> str:
@@ -501,6 +509,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.closing = False
         self.running_batch = 0
+        self._running: list[Row] = []
 
     # ------------------------------------------------------------------------------------------------ worker thread
     def _work(self) -> None:
@@ -542,19 +551,31 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._task = self.loop.create_task(self._scheduler())
 
-    async def close(self) -> None:
+    def drain(self) -> None:
+        """Shutdown has begun (SIGTERM): refuse new rows and answer every waiting row with a 503 now; the running
+        batch goes on. On the event loop."""
         self.closing = True
+        while self._pending:
+            self._pending.popleft().queue.put_nowait(("error", _shutting_down()))
+        if self._wakeup is not None:
+            self._wakeup.set()  # a scheduler waiting for work sees `closing` and stops
+
+    def abort_running(self) -> None:
+        """The grace period is over: end every row of the running batch with a 503, so that its response completes (a
+        stream with an error event and [DONE]) instead of being cut by the server's cancellation. On the event loop."""
+        for row in self._running:
+            row.cancelled = True  # a live generation stops at its next step
+            row.queue.put_nowait(("error", _shutting_down("its generation was cut off after --shutdown-timeout")))
+
+    async def close(self) -> None:
+        self.drain()
         if self._task is not None:
             self._task.cancel()
-        while self._pending:
-            row = self._pending.popleft()
-            row.queue.put_nowait(("error", APIError("The server is shutting down.", status=503,
-                                                    type="service_unavailable")))
         self._jobs.put(None)
 
     def submit(self, row: Row) -> None:
         if self.closing:
-            raise APIError("The server is shutting down.", status=503, type="service_unavailable")
+            raise _shutting_down()
         self._pending.append(row)
         self._wakeup.set()
 
@@ -614,14 +635,14 @@ class Engine:
                     future.set_exception(error) if error else future.set_result(result)
             self.loop.call_soon_threadsafe(settle)
 
-        self.running_batch = len(batch)
+        self.running_batch, self._running = len(batch), batch
         self._jobs.put((lambda b=batch: self._run_batch(b), done))
         try:
             stats = await future
         except Exception:  # noqa: BLE001 - _run_batch reports per row; this only guards the loop
             stats = None
         finally:
-            self.running_batch = 0
+            self.running_batch, self._running = 0, []
         if stats:
             self.metrics.record_stats(stats)
 
@@ -1193,9 +1214,20 @@ def main(args: argparse.Namespace) -> int:
     signals_seen: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: signals_seen.append(number))
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Waiting requests are answered 503 at once. Running ones get --shutdown-timeout seconds, then end with an
+            # error: uvicorn's own cancellation, a little later, would answer a bare 500 or cut a stream before its
+            # [DONE].
+            engine.drain()
+            asyncio.get_running_loop().call_later(args.shutdown_timeout, engine.abort_running)
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(create_app(engine), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.access_log)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_FLUSH_SECONDS,
+                            access_log=args.access_log)
+    server = Server(config)
     print(f"Serving {name} ({engine.mode}, max batch {args.max_batch_size}, context {engine.max_model_len}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server.run()
