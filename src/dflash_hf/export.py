@@ -593,8 +593,8 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
 
 
 def hub_token() -> str:
-    """The token `--push` uploads with, found as huggingface_hub finds it (`HF_TOKEN`, else the saved login), after
-    checking that the Hub may be contacted at all; `dflash-hf export/convert` call it before writing anything."""
+    """The token `--push` uploads with, found as huggingface_hub finds it (`HF_TOKEN`, else the saved login); also
+    refuses offline mode. `dflash-hf export/convert` call it before writing anything."""
     from huggingface_hub import constants, get_token
 
     token = get_token()

@@ -94,7 +94,7 @@ class APIError(Exception):
 
 
 def _shutting_down(detail: str | None = None) -> APIError:
-    message = "The server is shutting down" + (f"; {detail}" if detail else "") + ". Retry on another instance."
+    message = "The server is shutting down" + (f"; {detail}" if detail else "") + "; retry later."
     return APIError(message, status=503, type="service_unavailable")
 
 

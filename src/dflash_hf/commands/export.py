@@ -29,7 +29,8 @@ def add_card_arguments(parser) -> None:
                              "release's own card license, else 'other')")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--push", default=None, metavar="REPO_ID",
-                        help="upload the folder to this Hub model repo (token: HF_TOKEN, else the saved `hf auth login`)")
+                        help="upload the folder to this Hub model repo (token: HF_TOKEN, else the saved "
+                             "`hf auth login`)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private (with --push)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be written and uploaded, write and upload nothing")
