@@ -15,10 +15,17 @@ the top level as well, which is what transformers' native DFlash route reads.
 
 from __future__ import annotations
 
+import json
 import os
 
 from transformers import Qwen3Config
 from transformers.utils import CONFIG_NAME
+
+# Largest sizes a config.json may ask for. Released drafters use block_size 16 and 1 to 8 layers; the headroom is
+# generous, but without a bound a hostile config.json (block_size or num_hidden_layers of 200000) runs for minutes
+# building the model before anything else can fail.
+MAX_BLOCK_SIZE = 1024
+MAX_DRAFT_LAYERS = 256
 
 # Keys that may sit either in `dflash_config` or at the top level of config.json; `dflash_config` wins (as in z-lab's
 # reference code and SGLang).
@@ -51,8 +58,23 @@ def build_target_layer_ids(num_target_layers: int, num_context_layers: int) -> l
     return [int(round(1 + i * span / (num_context_layers - 1))) for i in range(num_context_layers)]
 
 
+def _check_integer(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    """A ValueError naming the field, the value and the allowed range unless `value` is an integer within it."""
+    allowed = "an integer" if low is None else f"an integer in {low}..{high}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"DFlashConfig {name} must be {allowed}, got {value!r} ({type(value).__name__}); fix "
+                         "config.json.")
+    if low is not None and not low <= value <= high:
+        raise ValueError(f"DFlashConfig {name} {value} is outside {low}..{high}; fix config.json (released drafters "
+                         "use block_size 16 and at most 8 layers).")
+
+
 class DFlashConfig(Qwen3Config):
     r"""Config of a [`DFlashDraftModel`].
+
+    `block_size` must lie in 2..`MAX_BLOCK_SIZE` (1024) and `num_hidden_layers` in 1..`MAX_DRAFT_LAYERS` (256), and
+    `mask_token_id` must be an integer (or unset): anything else is a ValueError naming the field, before any weight
+    is allocated.
 
     Args:
         block_size (`int`, *optional*, defaults to 16): tokens per draft block, anchor included.
@@ -103,7 +125,11 @@ class DFlashConfig(Qwen3Config):
         for key in DFLASH_KEYS:
             value = nested.get(key, top_level[key])
             setattr(self, key, value)
-        self.block_size = int(self.block_size) if self.block_size is not None else 16
+        if self.block_size is None:
+            self.block_size = 16
+        _check_integer("block_size", self.block_size, 2, MAX_BLOCK_SIZE)
+        if self.mask_token_id is not None:
+            _check_integer("mask_token_id", self.mask_token_id)
         self.draft_window = draft_window
 
         # Qwen3Config drops `sliding_window` unless `use_sliding_window` is set, but released drafters mark their
@@ -111,6 +137,7 @@ class DFlashConfig(Qwen3Config):
         sliding_window = kwargs.get("sliding_window")
         layer_types = kwargs.get("layer_types")
         super().__init__(**kwargs)
+        _check_integer("num_hidden_layers", self.num_hidden_layers, 1, MAX_DRAFT_LAYERS)
         self._sync_legacy_rope_keys()
 
         if self.target_layer_ids is None and self.num_target_layers is not None:
@@ -140,9 +167,12 @@ class DFlashConfig(Qwen3Config):
         all the same, so `from_pretrained` should not warn that the types differ.
         """
         folder = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, kwargs.get("_configuration_file") or CONFIG_NAME)):
-            # transformers would return a default config here; a drafter without its config.json is unusable.
-            raise OSError(f"{os.path.join(folder, CONFIG_NAME)} does not exist: a DFlash drafter folder needs its config.json.")
+        if os.path.isdir(folder):
+            path = os.path.join(folder, kwargs.get("_configuration_file") or CONFIG_NAME)
+            if not os.path.isfile(path):
+                # transformers would return a default config here; a drafter without its config.json is unusable.
+                raise OSError(f"{path} does not exist: a DFlash drafter folder needs its config.json.")
+            _check_json_object(path)
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if config_dict.get("model_type") == "qwen3" and "DFlashDraftModel" in (config_dict.get("architectures") or []):
             config_dict = dict(config_dict, model_type=cls.model_type)
@@ -175,4 +205,18 @@ class DFlashConfig(Qwen3Config):
         return self.sliding_window if self.layer_type(layer_idx) == "sliding_attention" else None
 
 
-__all__ = ["DFlashConfig", "build_target_layer_ids"]
+def _check_json_object(path: str) -> None:
+    """A config.json that parses to a list, a string or a number is a ValueError here; transformers would fail on it
+    with a TypeError or AttributeError deep inside its loader. Text that is not JSON at all is left to transformers,
+    which reports it as an OSError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, ValueError):
+        return
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of settings; a DFlash drafter's "
+                         "config.json is a JSON object (re-download or re-export the drafter).")
+
+
+__all__ = ["DFlashConfig", "MAX_BLOCK_SIZE", "MAX_DRAFT_LAYERS", "build_target_layer_ids"]

@@ -87,7 +87,7 @@ def test_help(command):
     [
         (["demo", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
         (["generate", "--target", "smollm2"], "the following arguments are required: --prompt"),
-        (["chat", "--temperature", "-1"], "--temperature: must be >= 0, got -1.0"),
+        (["chat", "--temperature", "-1"], "--temperature: must be a finite number >= 0 (0 = greedy), got -1.0"),
         (["export", "bundled", "--out", "x"], "the following arguments are required: --target"),
         (["convert", "/nonexistent/zlab-release", "--out", "x"], "is not a folder"),
     ],

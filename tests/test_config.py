@@ -121,3 +121,29 @@ def test_default_config_and_dict_round_trip():
     saved = config.to_dict()
     assert saved["dflash_config"] == {"mask_token_id": 4, "target_layer_ids": [1, 3]}
     assert saved["mask_token_id"] == 4 and saved["target_layer_ids"] == [1, 3]
+
+
+@pytest.mark.parametrize("field, value, needles", [
+    ("block_size", 200000, ("block_size 200000", "outside 2..1024")),
+    ("block_size", 0, ("block_size 0", "outside 2..1024")),
+    ("num_hidden_layers", 200000, ("num_hidden_layers 200000", "outside 1..256")),
+    ("num_hidden_layers", 0, ("num_hidden_layers 0", "outside 1..256")),
+    ("block_size", "16", ("block_size must be an integer in 2..1024", "'16' (str)")),
+    ("mask_token_id", "abc", ("mask_token_id must be an integer", "'abc' (str)")),
+    ("mask_token_id", True, ("mask_token_id must be an integer", "True (bool)")),
+])
+def test_sizes_and_ids_outside_their_bounds_are_rejected_by_name(field, value, needles):
+    with pytest.raises(ValueError) as info:
+        DFlashConfig(**SMALL, **{field: value})
+    assert all(needle in str(info.value) for needle in needles), str(info.value)
+    if field == "mask_token_id":  # the z-lab nested form is checked the same way
+        with pytest.raises(ValueError, match="mask_token_id must be an integer"):
+            DFlashConfig(**SMALL, dflash_config={"mask_token_id": value})
+
+
+def test_the_bounds_themselves_are_accepted():
+    from dflash_hf.modeling.configuration_dflash import MAX_BLOCK_SIZE, MAX_DRAFT_LAYERS
+
+    config = DFlashConfig(**SMALL, block_size=MAX_BLOCK_SIZE, num_hidden_layers=MAX_DRAFT_LAYERS, mask_token_id=0)
+    assert (config.block_size, config.num_hidden_layers, config.mask_token_id) == (1024, 256, 0)
+    assert DFlashConfig(**SMALL, block_size=2, num_hidden_layers=1).block_size == 2

@@ -409,7 +409,10 @@ def test_cli_export_dry_run_lists_and_writes_nothing(exported, tmp_path):
 
 
 def test_cli_push_needs_a_token_and_a_repo_id(exported, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))  # a login on this machine
     drafter_dir = tmp_path / "drafter"
     exported["drafter"].save_pretrained(drafter_dir)
     out = tmp_path / "never-written"

@@ -432,6 +432,22 @@ def test_malformed_requests_get_openai_errors(server, path, body, param, code):
     assert error["param"] == param and error["code"] == code
 
 
+@pytest.mark.parametrize("body, needle", [
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone UTF-16 surrogate"),
+    (b'{"prompt": "w9 \\udfff", "max_tokens": 2}', "lone UTF-16 surrogate"),
+    (b"[" * 100_000, "nested more than 32 levels"),
+    (b'{"messages": ' + b"[" * 500 + b"]" * 500 + b"}", "nested more than 32 levels"),
+])
+def test_hostile_json_bodies_get_a_400_naming_the_problem(server, body, needle):
+    """Valid JSON that is not valid text (a lone surrogate escape) and bodies nested absurdly deep used to reach the
+    tokenizer or the parser's recursion limit and come back as 500s."""
+    path = "/v1/completions" if b"prompt" in body else "/v1/chat/completions"
+    status, reply = http("POST", server.base + path, body)
+    assert status == 400, reply
+    assert reply["error"]["code"] == "invalid_json" and needle in reply["error"]["message"], reply
+    assert http("GET", server.base + "/health")[0] == 200
+
+
 def test_unknown_routes_and_client_errors(server, client):
     status, reply = http("GET", server.base + "/v1/nothing")
     assert status == 404 and "error" in reply

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -253,6 +254,37 @@ def load_bundled_drafter(dtype: torch.dtype = torch.float32, device: str | torch
     return drafter.to(dtype=dtype, device=device).eval(), False
 
 
+TARGET_FOLDER_FIX = ("pass a model folder written by save_pretrained: config.json, the weights (model.safetensors) "
+                     "and the tokenizer files")
+DRAFTER_FOLDER_FIX = ("pass a drafter folder with config.json and model.safetensors (written by `dflash-hf export` or "
+                      "a z-lab release); download it again if a file is damaged")
+
+
+@contextmanager
+def explained_load(what: str, fix: str):
+    """Turn what transformers and safetensors raise for an unusable folder (missing or corrupt weights, unreadable
+    files) into one ValueError naming `what` and `fix`, instead of a loader traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{what} cannot be loaded: {str(error).rstrip('. ')}; {fix}.") from error
+
+
+def refuse_drafter_as_target(folder: Path, option: str = "--target") -> None:
+    """A ValueError if `folder` holds a DFlash drafter: it is not a causal LM, and loading it as one would stop at
+    transformers' interactive trust-remote-code prompt (its config names our remote code)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: the loader reports it
+    if isinstance(config, dict) and (config.get("model_type") == "dflash_draft"
+                                     or "DFlashDraftModel" in (config.get("architectures") or [])):
+        raise ValueError(f"{option} {folder} is a DFlash drafter, not a target model; pass it as --drafter {folder} "
+                         "and the model it drafts for as --target.")
+
+
 def resolve_target(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """`smollm2` (the embedded default) or a local model folder -> `(model, tokenizer)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,8 +297,12 @@ def resolve_target(name: str, dtype: torch.dtype = torch.float32, device: str | 
             f"target {name!r} is neither 'smollm2' (the embedded default) nor a local folder; pass a folder that "
             "holds config.json, the weights and the tokenizer (Hub ids are not fetched by this command)."
         )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    refuse_drafter_as_target(folder)
+    # trust_remote_code=False: a target needing remote code is refused with transformers' message rather than asking
+    # on stdin, which would block a script or a server start.
+    with explained_load(f"target {name!r}", TARGET_FOLDER_FIX):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -283,16 +319,19 @@ def resolve_drafter(name: str, dtype: torch.dtype = torch.float32, device: str |
             f"drafter {name!r} is neither 'bundled' nor a folder with config.json and model.safetensors "
             "(e.g. one written by `dflash-hf export` or a downloaded z-lab release)."
         )
-    return DFlashDraftModel.from_pretrained(folder, dtype=dtype).to(device).eval(), True
+    with explained_load(f"drafter {name!r}", DRAFTER_FOLDER_FIX):
+        return DFlashDraftModel.from_pretrained(folder, dtype=dtype).to(device).eval(), True
 
 
 __all__ = [
     "bundled_drafter_path",
     "cache_root",
     "convert_smollm2",
+    "explained_load",
     "has_bundled_drafter",
     "load_bundled_drafter",
     "load_smollm2",
+    "refuse_drafter_as_target",
     "resolve_drafter",
     "resolve_target",
     "smollm2_cache_dir",

@@ -2,6 +2,13 @@
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func` to a callable taking the
 parsed namespace and returning an exit code.
+
+Errors end in one line, `dflash-hf <command>: error: <what was wrong and the fix>`, never a traceback, with the exit
+status saying whose move it is:
+
+- 2: the input is wrong (an argument, a file or a folder the user passed): fix it and run again. Argument values are
+  checked by argparse, which also exits 2.
+- 1: the input was fine but the world failed at run time (`RuntimeFailure`: e.g. the Hub upload could not connect).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import pkgutil
 import sys
 
 from dflash_hf import commands
+from dflash_hf.cli_args import RuntimeFailure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    # Some library messages span several lines; the CLI's contract is one line per error.
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -33,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"dflash-hf {args.command}: error: {error}", file=sys.stderr)
+    except RuntimeFailure as error:
+        print(f"dflash-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    # OSError: a path the user passed that cannot be read or written (missing, a file where a folder belongs, no
+    # permission), wherever it surfaces; the loaders turn their own into ValueErrors naming the option.
+    except (ValueError, OSError) as error:
+        print(f"dflash-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,7 @@ Nothing in an export is hand-maintained: every `.py` file is copied from the pac
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -433,6 +434,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder path (new, empty, or a previous export).")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out} lies under {blocking}, which is a file, not a folder; pass a folder path "
+                         "outside it.")
     if out.exists() and any(out.iterdir()):
         cwd = Path.cwd().resolve()
         if out == cwd or out in cwd.parents:
@@ -514,7 +519,7 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
     Shapes are checked against the config before anything is written. The card's license is `license`, else the
     one in the release's own README.md metadata, else "other" (check the release's terms before uploading).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     from dflash_hf import DFlashConfig
@@ -531,10 +536,14 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
 
     shapes, keys_by_shard = {}, {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            keys_by_shard[shard] = list(f.keys())
-            for key in f.keys():
-                shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys_by_shard[shard] = list(f.keys())
+                for key in f.keys():
+                    shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+        except SafetensorError as error:
+            raise ValueError(f"{shard} is not a readable safetensors file ({error}); download the release "
+                             "again.") from error
     check_layout(shapes.keys(), expected_shapes(config), shapes)
 
     name = name or Path(out).name
@@ -578,26 +587,55 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
 
 
 def hub_token() -> str:
-    token = os.environ.get("HF_TOKEN")
+    """The token `--push` uploads with, found as huggingface_hub finds it (`HF_TOKEN`, else the saved login); also
+    refuses offline mode. `dflash-hf export/convert` call it before writing anything."""
+    from huggingface_hub import constants, get_token
+
+    token = get_token()
     if not token:
         raise ValueError(
-            "--push needs a Hugging Face token with write access in the HF_TOKEN environment variable, e.g. "
-            "HF_TOKEN=hf_... dflash-hf export ... --push REPO_ID (create one at huggingface.co/settings/tokens)."
+            "--push needs a Hugging Face token with write access: log in once with `hf auth login` (or "
+            "`huggingface-cli login`), or set the HF_TOKEN environment variable, e.g. HF_TOKEN=hf_... dflash-hf "
+            "export ... --push REPO_ID (create one at huggingface.co/settings/tokens)."
         )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be uploaded; unset it to "
+                         "--push, or drop --push to only write the folder.")
     return token
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What an upload raises when the network or the Hub fails: OSError covers the OS's connection errors,
+    huggingface_hub's HTTP and offline errors and requests' errors (huggingface_hub < 1.0); newer versions raise the
+    errors of httpx (or its fork httpx2), which are not OSErrors."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload an export folder to the Hub model repo `repo_id` (created if needed); returns the commit URL."""
+    """Upload an export folder to the Hub model repo `repo_id` (created if needed); returns the commit URL.
+
+    A failed upload raises `RuntimeFailure` naming the folder, which is left complete for another try."""
     from huggingface_hub import HfApi
 
+    from dflash_hf.cli_args import RuntimeFailure
+
     token = token or hub_token()
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ValueError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to --push.")
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                             commit_message="Upload DFlash drafter exported by dflash-hf")
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message="Upload DFlash drafter exported by dflash-hf")
+    except _network_errors() as error:
+        raise RuntimeFailure(
+            f"uploading {folder} to https://huggingface.co/{repo_id} failed: {error}. The folder is complete; check "
+            f"the network and the token, then upload it again (the same command with --overwrite)."
+        ) from error
     return str(getattr(info, "commit_url", info))
 
 

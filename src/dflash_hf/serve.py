@@ -30,8 +30,8 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import math
 import queue
+import re
 import signal
 import sys
 import threading
@@ -56,6 +56,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
         f"(missing: {error.name})"
     ) from error
 
+from dflash_hf.cli_args import seed_problem, temperature_problem
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -63,7 +64,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 # bounded by the batch-size buckets; sampling ones would grow with every distinct temperature/top-p/top-k a client
 # sends, so only the newest few are kept.
 MAX_SAMPLING_WORKSPACES = 4
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# After --shutdown-timeout the running requests are ended with an error; this is how long their last bytes get to
+# reach the clients before uvicorn cancels what is left.
+SHUTDOWN_FLUSH_SECONDS = 2
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Keys of apply_chat_template that the server sets itself; a client passing them would break the request.
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tokenize", "return_tensors", "return_dict", "tokenizer_kwargs",
@@ -88,6 +91,11 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def _shutting_down(detail: str | None = None) -> APIError:
+    message = "The server is shutting down" + (f"; {detail}" if detail else "") + "; retry later."
+    return APIError(message, status=503, type="service_unavailable")
 
 
 def _error_type(status: int) -> str:
@@ -146,6 +154,31 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
 
 
+# OpenAI request bodies nest a few levels (messages -> content parts -> fields); anything deeper is not a request.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_json_values(data: Any) -> None:
+    """An APIError for a body nested deeper than MAX_JSON_DEPTH, or holding a lone UTF-16 surrogate (`"\\ud800"`: valid
+    JSON, but not text any tokenizer can encode). Iterative, so the check itself cannot overflow the stack."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise APIError("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                               "pair), which is not valid Unicode text; send UTF-8 text.", code="invalid_json")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; send a flat OpenAI "
+                           "request.", code="invalid_json")
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items)
+
+
 def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """JSON bytes -> validated request, or an APIError naming the field and the fix."""
     try:
@@ -153,8 +186,12 @@ def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise APIError(f"The request body is not valid JSON ({error}); send a JSON object.",
                        code="invalid_json") from None
+    except RecursionError:  # the C parser recurses once per nesting level
+        raise APIError(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; send a flat OpenAI "
+                       "request.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    _check_json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -214,10 +251,12 @@ def _sampling_params(req: _SamplingFields, max_tokens: int | None, default_max: 
     if max_tokens is not None and max_tokens < 1:
         raise APIError(f"max_tokens must be >= 1, got {max_tokens}.", param="max_tokens")
     temperature = 1.0 if req.temperature is None else float(req.temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise APIError(f"temperature must be >= 0 (0 = greedy), got {req.temperature}.", param="temperature")
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-        raise APIError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {req.seed}.", param="seed")
+    problem = temperature_problem(temperature)
+    if problem:
+        raise APIError(f"temperature {problem}.", param="temperature")
+    problem = seed_problem(req.seed) if req.seed is not None else None
+    if problem:
+        raise APIError(f"seed {problem}.", param="seed")
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     if not 0 < top_p <= 1:
         raise APIError(f"top_p must be in (0, 1], got {req.top_p}.", param="top_p")
@@ -470,6 +509,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.closing = False
         self.running_batch = 0
+        self._running: list[Row] = []
 
     # ------------------------------------------------------------------------------------------------ worker thread
     def _work(self) -> None:
@@ -511,19 +551,31 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._task = self.loop.create_task(self._scheduler())
 
-    async def close(self) -> None:
+    def drain(self) -> None:
+        """Shutdown has begun (SIGTERM): refuse new rows and answer every waiting row with a 503 now; the running
+        batch goes on. On the event loop."""
         self.closing = True
+        while self._pending:
+            self._pending.popleft().queue.put_nowait(("error", _shutting_down()))
+        if self._wakeup is not None:
+            self._wakeup.set()  # a scheduler waiting for work sees `closing` and stops
+
+    def abort_running(self) -> None:
+        """The grace period is over: end every row of the running batch with a 503, so that its response completes (a
+        stream with an error event and [DONE]) instead of being cut by the server's cancellation. On the event loop."""
+        for row in self._running:
+            row.cancelled = True  # a live generation stops at its next step
+            row.queue.put_nowait(("error", _shutting_down("its generation was cut off after --shutdown-timeout")))
+
+    async def close(self) -> None:
+        self.drain()
         if self._task is not None:
             self._task.cancel()
-        while self._pending:
-            row = self._pending.popleft()
-            row.queue.put_nowait(("error", APIError("The server is shutting down.", status=503,
-                                                    type="service_unavailable")))
         self._jobs.put(None)
 
     def submit(self, row: Row) -> None:
         if self.closing:
-            raise APIError("The server is shutting down.", status=503, type="service_unavailable")
+            raise _shutting_down()
         self._pending.append(row)
         self._wakeup.set()
 
@@ -583,14 +635,14 @@ class Engine:
                     future.set_exception(error) if error else future.set_result(result)
             self.loop.call_soon_threadsafe(settle)
 
-        self.running_batch = len(batch)
+        self.running_batch, self._running = len(batch), batch
         self._jobs.put((lambda b=batch: self._run_batch(b), done))
         try:
             stats = await future
         except Exception:  # noqa: BLE001 - _run_batch reports per row; this only guards the loop
             stats = None
         finally:
-            self.running_batch = 0
+            self.running_batch, self._running = 0, []
         if stats:
             self.metrics.record_stats(stats)
 
@@ -1162,9 +1214,20 @@ def main(args: argparse.Namespace) -> int:
     signals_seen: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: signals_seen.append(number))
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Waiting requests are answered 503 at once. Running ones get --shutdown-timeout seconds, then end with an
+            # error: uvicorn's own cancellation, a little later, would answer a bare 500 or cut a stream before its
+            # [DONE].
+            engine.drain()
+            asyncio.get_running_loop().call_later(args.shutdown_timeout, engine.abort_running)
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(create_app(engine), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.access_log)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_FLUSH_SECONDS,
+                            access_log=args.access_log)
+    server = Server(config)
     print(f"Serving {name} ({engine.mode}, max batch {args.max_batch_size}, context {engine.max_model_len}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server.run()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.cli_args import positive_int, seed, temperature
 from dflash_hf.commands.demo import add_model_arguments, encode, load_pair
 from dflash_hf.commands.generate import Session, check_sampling_args, report
 
@@ -21,10 +21,10 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="per reply (default 256)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--seed", type=seed, default=None, help="random seed for sampling")
     parser.add_argument("--stats", action="store_true", help="print tokens/s and tau after each reply (stderr)")
     parser.set_defaults(func=run)
 

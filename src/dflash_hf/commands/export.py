@@ -4,6 +4,9 @@ released layout, custom_generate/, model card), optionally upload it.
     dflash-hf export bundled --target smollm2 --out hub_upload/SmolLM2-135M-Instruct-DFlash \\
         --metrics benchmarks/results/smollm2.json
     HF_TOKEN=hf_... dflash-hf export bundled --target smollm2 --out hub_upload/... --push NAMESPACE/NAME
+
+--push takes the token as huggingface_hub does (HF_TOKEN, else the saved `hf auth login`) and refuses to run offline
+before anything is written.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def add_card_arguments(parser) -> None:
                              "release's own card license, else 'other')")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--push", default=None, metavar="REPO_ID",
-                        help="upload the folder to this Hub model repo (token from the HF_TOKEN environment variable)")
+                        help="upload the folder to this Hub model repo (token: HF_TOKEN, else the saved "
+                             "`hf auth login`)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private (with --push)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be written and uploaded, write and upload nothing")
@@ -84,7 +88,7 @@ def finish(result_or_builder, args, *, dry_run_label: str) -> int:
     if args.push:
         validate_repo_id(args.push)
         if not args.dry_run:
-            token = hub_token()  # fail before any work when the token is missing
+            token = hub_token()  # no token, or offline: fail before anything is written
     if args.dry_run:
         with tempfile.TemporaryDirectory() as tmp:
             result = result_or_builder(Path(tmp) / Path(args.out).name, True)
@@ -117,7 +121,9 @@ def weights_dtype(drafter: str):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"DRAFTER {drafter!r} has no *.safetensors weights; pass a drafter folder.")
-    with safe_open(str(files[0]), framework="pt") as f:
+    from dflash_hf.assets import DRAFTER_FOLDER_FIX, explained_load
+
+    with explained_load(f"DRAFTER {drafter!r}", DRAFTER_FOLDER_FIX), safe_open(str(files[0]), framework="pt") as f:
         return f.get_tensor(next(iter(f.keys()))).dtype
 
 

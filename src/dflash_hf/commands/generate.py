@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from dflash_hf.cli_args import non_negative_float, positive_int
+from dflash_hf.cli_args import positive_int, seed, temperature
 from dflash_hf.commands.demo import add_model_arguments, encode, load_pair
 from dflash_hf.stops import target_stop_ids
 
@@ -23,11 +23,11 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text (a user message with --chat)")
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="default 256")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+    parser.add_argument("--temperature", type=temperature, default=0.0,
                         help="0 = greedy (default, identical to the target's greedy output); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--seed", type=seed, default=None, help="random seed for sampling")
     parser.set_defaults(func=run)
 
 

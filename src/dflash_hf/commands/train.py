@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from dflash_hf.cli_args import non_negative_float, positive_float, positive_int
+from dflash_hf.cli_args import non_negative_float, positive_float, positive_int, seed
 from dflash_hf.commands.make_data import add_target_arguments
 
 
@@ -66,7 +66,7 @@ def register(subparsers) -> None:
                          help="mask embedding id (default: a rarely produced special token of the tokenizer)")
     drafter.add_argument("--intermediate-size", type=positive_int, default=None,
                          help="drafter MLP width (default: the target's)")
-    drafter.add_argument("--drafter-seed", type=int, default=0, help="initialisation seed of a new drafter")
+    drafter.add_argument("--drafter-seed", type=seed, default=0, help="initialisation seed of a new drafter")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=6, help="passes over the data (default 6)")
     optim.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps")

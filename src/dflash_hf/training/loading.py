@@ -54,8 +54,14 @@ def load_target(spec: str, dtype: torch.dtype, device: torch.device):
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    from dflash_hf.assets import TARGET_FOLDER_FIX, explained_load, refuse_drafter_as_target
+
+    refuse_drafter_as_target(folder)
+    # trust_remote_code=False: never the interactive prompt, which would block a training job.
+    with explained_load(f"--target {spec!r}", TARGET_FOLDER_FIX):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     return model.to(device).eval(), tokenizer
 
 
