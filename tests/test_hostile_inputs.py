@@ -204,12 +204,13 @@ def test_a_hostile_drafter_config_is_refused_quickly_and_by_name(name, edit, nee
     assert all(needle in line for needle in needles), line
 
 
-@pytest.mark.parametrize("command", ["generate", "make-data"])
+@pytest.mark.parametrize("command", ["generate", "make-data", "bench"])
 def test_a_drafter_given_as_target_is_refused_not_prompted(command, folders, tmp_path):
     """A drafter folder's config names remote code; loading it as the target used to stop at transformers'
     interactive trust-remote-code question (stdin stays open here, so a regression waits and times out)."""
-    args = (["--drafter", folders["drafter"], "--prompt", "w9"] if command == "generate"
-            else ["--output", tmp_path / "data.jsonl", "--device", "cpu"])
+    args = {"generate": ["--drafter", folders["drafter"], "--prompt", "w9"],
+            "make-data": ["--output", tmp_path / "data.jsonl", "--device", "cpu"],
+            "bench": ["--drafter", folders["drafter"], "--device", "cpu", "--results-dir", tmp_path]}[command]
     line = one_line_error(cli(command, "--target", folders["drafter"], *args, timeout=90), command)
     assert f"--target {folders['drafter']} is a DFlash drafter, not a target model" in line
     assert f"--drafter {folders['drafter']}" in line

@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from dflash_hf import cli_args
 from dflash_hf.modeling.decoding_dflash import last_error_line
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
@@ -253,9 +254,15 @@ def load_target(name: str, dtype: torch.dtype, device: torch.device):
             f"--target {name!r} is neither 'smollm2' nor a local model folder with config.json; pass a folder written "
             "by save_pretrained (weights + tokenizer). Hub ids are not fetched by this command."
         )
-    # sdpa: the batched loop passes explicit 4D masks, which flash/flex attention cannot take.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    from dflash_hf.assets import TARGET_FOLDER_FIX, explained_load, refuse_drafter_as_target
+
+    refuse_drafter_as_target(folder)
+    # sdpa: the batched loop passes explicit 4D masks, which flash/flex attention cannot take. trust_remote_code=False:
+    # never transformers' interactive prompt, which would block a benchmark run.
+    with explained_load(f"--target {name!r}", TARGET_FOLDER_FIX):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=False).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer, str(folder)
 
 
@@ -1704,7 +1711,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON list of prompts ({category, prompt} objects or strings) instead of the project's "
                              "held-out prompts, e.g. benchmarks/prompts/everyday.json (written independently of the "
                              "training data); --prompts then counts per category of the file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli_args.seed, default=0, help="sampling seed (default 0)")
     parser.add_argument("--block-size", type=int, default=16, help="block size of a random:N drafter")
     parser.add_argument("--assistant-layers", type=int, default=None,
                         help="layers of the truncated-target assistant (default: target layers // 6)")
