@@ -15,6 +15,7 @@ version. Versions: 4.57.1 is the declared minimum; CI runs 4.57.1 and the newest
 | `return_dict_in_generate` output (`decoder_only_output`) | `GenerateDecoderOnlyOutput` | same | same | same |
 | `logits_to_keep=1` keeps every layer's hidden states whole (`keeps_hidden_states_with_logits_to_keep`) | yes | yes | not on Gemma-4 with KV-shared layers | same |
 | stock loop rolls back recurrent (linear-attention) state (`stock_loop_limitation`) | no | no | no (refuses stateful models) | yes (`activate_past_recording(recurrent_states_to_keep=)`) |
+| linear-attention layers keep their state through cache methods the engine can serve (`recurrent_state_through_cache`) | no (model-specific cache attributes) | no | no | yes (`get_/update_conv_state`, `get_/update_recurrent_state`, `get_recurrent_states_to_keep`) |
 
 Why `custom_generate=<callable>`: it is generate's public extension point. transformers still merges the generation
 config, builds the logits processors and stopping criteria (stop strings included), computes `max_length` and
@@ -71,6 +72,17 @@ def has_recurrent_layers(model: nn.Module) -> bool:
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     kinds = set(getattr(text, "layer_types", None) or [])
     return bool(getattr(model, "_is_stateful", False)) or bool(kinds - {"full_attention", "sliding_attention"})
+
+
+def recurrent_state_through_cache() -> bool:
+    """Whether linear-attention layers read and write their conv and recurrent states through the cache's methods
+    (`get_conv_state`, `update_conv_state`, `get_recurrent_state`, `update_recurrent_state`,
+    `get_recurrent_states_to_keep`: transformers 5.25), so that the engine's own cache can hold them per row. Older
+    versions reach into model-specific cache attributes."""
+    from transformers.cache_utils import Cache
+
+    return all(hasattr(Cache, name) for name in ("get_conv_state", "update_conv_state", "get_recurrent_state",
+                                                 "update_recurrent_state", "get_recurrent_states_to_keep"))
 
 
 def stock_loop_limitation(model: nn.Module) -> str | None:

@@ -34,9 +34,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .compat_dflash import cache_kwarg, forward_accepts, keeps_hidden_states_with_logits_to_keep, stock_loop_limitation
+from .compat_dflash import (
+    cache_kwarg,
+    forward_accepts,
+    keeps_hidden_states_with_logits_to_keep,
+    recurrent_state_through_cache,
+    stock_loop_limitation,
+)
 from .generation_dflash import TargetFeatureCapture, check_drafter_fits_target, embed_block, target_text_config
-from .masks_dflash import drafter_block_masks, target_layer_masks, target_mask_windows
+from .masks_dflash import drafter_block_masks, recurrent_layer_kinds, target_layer_masks, target_mask_windows
 
 
 class RowStaticCache:
@@ -45,6 +51,12 @@ class RowStaticCache:
     Set `write_slots` (`[batch, rows]`, one slot per new K/V row) before each forward; `update` scatters the new rows
     there and returns the whole buffer, so attention shapes never change (the mask says what is visible). Buffers are
     allocated on the first (eager) update, from the shapes the model actually produces.
+
+    Hybrid targets' linear-attention layers keep a conv state `[batch, channels, kernel]` and a recurrent state
+    `[batch, heads, k_dim, v_dim]` per layer here instead, through the cache methods those layers call (transformers
+    5.25). A verify forward of q tokens returns its inputs and every intermediate state (`keep_states = q`); they stay
+    pending until `commit_states(count)` keeps, per row, the states after that row's first `count[r]` tokens, so a
+    rejected draft never reaches the state. During the prefill (`prefilling`), the layers start from no state.
     """
 
     def __init__(self, capacity: int):
@@ -52,6 +64,12 @@ class RowStaticCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.write_slots: torch.Tensor | None = None
+        self.conv_states: dict[int, torch.Tensor] = {}
+        self.recurrent_states: dict[int, torch.Tensor] = {}
+        self._pending_conv: dict[int, torch.Tensor] = {}  # [batch, channels, kernel + q]: stored state, then inputs
+        self._pending_recurrent: dict[int, torch.Tensor] = {}  # [1 + q, batch, ...]: the state after 0 .. q tokens
+        self.prefilling = True
+        self.keep_states = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx not in self.keys:
@@ -69,6 +87,70 @@ class RowStaticCache:
     def reset(self) -> None:
         for buffer in (*self.keys.values(), *self.values.values()):
             buffer.zero_()
+        self._pending_conv.clear()
+        self._pending_recurrent.clear()
+        self.prefilling, self.keep_states = True, 0
+
+    # -------------------------------------------------------------------- linear-attention layers (hybrid targets)
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        return None if self.prefilling else self.conv_states.get(layer_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        return None if self.prefilling else self.recurrent_states.get(layer_idx)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return True  # never the in-place one-token conv update: every update goes through `update_conv_state`
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        pass  # positions are passed explicitly; no token count to keep
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return self.keep_states
+
+    def update_conv_state(self, inputs: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        """`inputs` `[batch, channels, q]` -> what the causal convolution reads: `[state ; inputs]` (the inputs
+        alone at the prefill, whose last `kernel` columns become the state)."""
+        if self.prefilling:
+            kernel = conv_kernel_size or inputs.shape[-1]
+            last = torch.nn.functional.pad(inputs, (max(kernel - inputs.shape[-1], 0), 0))[..., -kernel:]
+            self._store(self.conv_states, layer_idx, last)
+            return inputs
+        full = torch.cat([self.conv_states[layer_idx], inputs], dim=-1)
+        self._pending_conv[layer_idx] = full
+        return full
+
+    def update_recurrent_state(self, states: torch.Tensor | list[torch.Tensor], layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        """The final state (prefill), or the state after each of the q verified tokens (a list, or one tensor when
+        q = 1)."""
+        if self.prefilling:
+            self._store(self.recurrent_states, layer_idx, states if torch.is_tensor(states) else states[-1])
+            return self.recurrent_states[layer_idx]
+        after_each = [states] if torch.is_tensor(states) else list(states)
+        self._pending_recurrent[layer_idx] = torch.stack([self.recurrent_states[layer_idx], *after_each])
+        return after_each[-1]
+
+    def commit_states(self, count: torch.Tensor) -> None:
+        """Keep, per row, the linear-attention states after the row's first `count[r]` verified tokens `[batch]`
+        (0 keeps the state from before the verify)."""
+        for layer_idx, stacked in self._pending_recurrent.items():  # [1 + q, batch, ...]
+            rows = torch.arange(stacked.shape[1], device=stacked.device)
+            self.recurrent_states[layer_idx].copy_(stacked[count, rows])
+        for layer_idx, full in self._pending_conv.items():  # [batch, channels, kernel + q]
+            kernel = self.conv_states[layer_idx].shape[-1]
+            columns = count[:, None, None] + torch.arange(kernel, device=full.device)[None, None]
+            self.conv_states[layer_idx].copy_(full.gather(-1, columns.expand(-1, full.shape[1], -1)))
+        self._pending_recurrent.clear()
+        self._pending_conv.clear()
+
+    @staticmethod
+    def _store(buffers: dict[int, torch.Tensor], layer_idx: int, value: torch.Tensor) -> None:
+        # Copied into the first buffer, so that captured graphs keep reading the same memory.
+        if layer_idx in buffers and buffers[layer_idx].shape == value.shape:
+            buffers[layer_idx].copy_(value)
+        else:
+            buffers[layer_idx] = value.detach().clone()
 
 
 @dataclass
@@ -191,10 +273,20 @@ def engine_limitation(target: nn.Module, drafter: nn.Module | None) -> str | Non
             f"the batched DFlash loop passes explicit 4D masks, which the target's attn_implementation="
             f"{implementation!r} cannot take; load the target with attn_implementation='sdpa'"
         )
+    text = target_text_config(target)
     try:
-        target_mask_windows(target_text_config(target))
+        target_mask_windows(text)
     except ValueError as error:
         return f"the target {type(target).__name__}: {error}"
+    recurrent = recurrent_layer_kinds(text)
+    if recurrent and not recurrent_state_through_cache():
+        import transformers
+
+        return (
+            f"the target {type(target).__name__} has {recurrent} layers, whose state the engine holds per row "
+            f"through the cache methods of transformers >= 5.25 (installed: {transformers.__version__}); "
+            "pip install 'transformers>=5.25'"
+        )
     return None
 
 
@@ -254,6 +346,7 @@ class DFlashDecoder:
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.compile = (self.device.type == "cuda") if compile is None else compile
         self.target_windows = target_mask_windows(text)
+        self.recurrent_kinds = recurrent_layer_kinds(text)  # hybrid targets: their states live in RowStaticCache
         self.cache_kwarg = cache_kwarg(target)
         self.pass_cache_position = forward_accepts(target, "cache_position")
         self.can_keep_last_logits = keeps_hidden_states_with_logits_to_keep(target)
@@ -553,7 +646,11 @@ class _Workspace:
         keys = self.slot_ids[: self.capacity][None, None, :]
         q = query_slots[:, :, None]
         valid = (keys >= self.pad[:, None, None]) | (keys == q)
-        return target_layer_masks(self.d.target_windows, q, keys, valid, dtype)
+        masks = target_layer_masks(self.d.target_windows, q, keys, valid, dtype)
+        if self.d.recurrent_kinds:  # linear-attention layers zero the inputs of padding tokens: a 2D [b, q] mask
+            real = (query_slots >= self.pad[:, None]).to(dtype)
+            masks.update({kind: real for kind in self.d.recurrent_kinds})
+        return masks
 
     def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor | dict:
         """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call, or one per drafter layer
@@ -646,6 +743,10 @@ class _Workspace:
         else:
             hit_stop = torch.zeros_like(self.done)
         count = torch.where(self.done, torch.zeros_like(count), count)
+        if self.d.recurrent_kinds:
+            # The verify fed the anchor and the drafts; a row keeps the states after the anchor and its accepted
+            # drafts, i.e. after `count` tokens (the bonus is fed as the next anchor).
+            self.target_cache.commit_states(count)
         # Commit into the output buffer (columns past `count` are scratch, overwritten or trimmed later).
         cols = self.generated[:, None] + self.arange_b[None]
         self.out.scatter_(1, cols, torch.where(self.arange_b[None] < count[:, None], new, self.out.gather(1, cols)))
@@ -719,6 +820,8 @@ class _Workspace:
             slots = torch.arange(prompt_len, device=d.device)[None].expand(self.batch, -1)
             self.target_cache.write_slots = slots
             logits = self._target_forward(input_ids, slots - self.pad[:, None], slots, last_only=True)[:, -1:]
+            # From here every target forward is a verify of B tokens, recording the state after each of them.
+            self.target_cache.prefilling, self.target_cache.keep_states = False, B
             logits = self._without_early_stops(logits, torch.zeros_like(self.generated)[:, None])[:, 0]
             features = self.capture.features()
             if self.do_sample:

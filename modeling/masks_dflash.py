@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 
-# Layer kinds whose attention is a causal softmax over cached keys (with or without a window). Other kinds in a
-# target's `layer_types` (linear attention, convolutions, chunked attention) carry state or masks the engine's static
-# key/value caches cannot represent.
+# Layer kinds whose attention is a causal softmax over cached keys (with or without a window), and the recurrent kinds
+# of hybrid targets (gated delta-net linear attention), which take a 2D padding mask and keep a state instead of keys.
+# Other kinds (convolution-only layers, chunked attention) are refused by name.
 ATTENTION_LAYER_KINDS = ("full_attention", "sliding_attention")
+RECURRENT_LAYER_KINDS = ("linear_attention",)
 
 
 def block_visibility(query_pos: torch.Tensor, key_pos: torch.Tensor, *, causal: bool, window: int | None
@@ -88,22 +89,29 @@ def target_mask_windows(text_config) -> dict[str | None, int | None]:
     mask per layer type (their config has `layer_types`), or `{None: window or None}` for one mask shared by every
     layer (Llama has no window; Mistral, Phi-3 and Starcoder2 apply `sliding_window` to every layer when it is set).
 
-    Raises ValueError for layer kinds that are not softmax attention over a key/value cache (see
-    `ATTENTION_LAYER_KINDS`), naming the kind.
+    Recurrent kinds (`RECURRENT_LAYER_KINDS`) are left out: see `recurrent_layer_kinds`. Raises ValueError for any
+    other kind, naming it.
     """
     window = getattr(text_config, "sliding_window", None)
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
-        unknown = sorted(set(layer_types) - set(ATTENTION_LAYER_KINDS))
+        unknown = sorted(set(layer_types) - set(ATTENTION_LAYER_KINDS) - set(RECURRENT_LAYER_KINDS))
         if unknown:
             raise ValueError(
                 f"its {getattr(text_config, 'model_type', 'target')!r} config has layers of kind {unknown} "
                 f"(layer_types), which the engine's static key/value caches cannot serve"
             )
-        return {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(layer_types)}
+        return {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(layer_types)
+                if kind in ATTENTION_LAYER_KINDS}
     # Without `layer_types`, transformers' Mistral-style models pick the sliding-window mask for every layer whenever
     # `sliding_window` is set (Qwen2/3 configs, which gate it by `use_sliding_window`, always have `layer_types`).
     return {None: window}
+
+
+def recurrent_layer_kinds(text_config) -> list[str]:
+    """The recurrent (linear-attention) layer kinds of a hybrid target, in `layer_types` order; [] for others."""
+    return [kind for kind in dict.fromkeys(getattr(text_config, "layer_types", None) or [])
+            if kind in RECURRENT_LAYER_KINDS]
 
 
 def target_layer_masks(windows: dict[str | None, int | None], query_pos: torch.Tensor, key_pos: torch.Tensor,
@@ -115,5 +123,5 @@ def target_layer_masks(windows: dict[str | None, int | None], query_pos: torch.T
     return masks[None] if None in masks else masks
 
 
-__all__ = ["ATTENTION_LAYER_KINDS", "additive_mask", "block_visibility", "causal_visibility", "drafter_block_masks",
-           "drafter_layer_patterns", "target_layer_masks", "target_mask_windows"]
+__all__ = ["ATTENTION_LAYER_KINDS", "RECURRENT_LAYER_KINDS", "additive_mask", "block_visibility", "causal_visibility", "drafter_block_masks",
+           "drafter_layer_patterns", "recurrent_layer_kinds", "target_layer_masks", "target_mask_windows"]

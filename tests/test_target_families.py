@@ -22,7 +22,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
 import dflash_hf
-from dflash_hf.modeling.compat_dflash import stock_loop_limitation
+from dflash_hf.modeling.compat_dflash import recurrent_state_through_cache
 
 WINDOW = 8
 HIDDEN, HEADS, LAYERS = 32, 4, 4
@@ -190,9 +190,11 @@ def test_gemma4_pair_samples_the_target_distribution():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Hybrid targets (linear attention with recurrent state): refused clearly where they cannot be served exactly
+# Hybrid targets (gated delta-net linear attention with recurrent state): on the engine from transformers 5.25,
+# refused by name before
 # ----------------------------------------------------------------------------------------------------------------------
 
+HYBRID_TYPES = ["qwen3_next", "qwen3_5_text"]
 HYBRID = dict(layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=4,
               linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
               head_dim=HIDDEN // HEADS)
@@ -205,26 +207,89 @@ def hybrid_target(model_type: str):
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # as build_target, and a slow decay: a wrong recurrent state must change the output
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0 if ("embed" in name or "lm_head" in name) else 2.0)
+            elif name.endswith("A_log"):
+                p.fill_(-4.0)
+    return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
-def test_hybrid_targets_are_served_exactly_or_refused_clearly(model_type):
+def hybrid_pair(model_type: str):
     target = hybrid_target(model_type)
-    drafter = tiny_drafter(target, layers=2, block_size=6, layer_ids=[0, 3])
+    if not recurrent_state_through_cache():
+        return target, None
+    return target, tiny_drafter(target, layers=2, block_size=6, layer_ids=[0, 3])
+
+
+@pytest.mark.parametrize("model_type", HYBRID_TYPES)
+def test_hybrid_target_engine_keeps_the_state_of_the_accepted_prefix(model_type):
+    """After a run with partial and full acceptances, the engine's per-row linear-attention states equal the states
+    of a plain forward over the tokens the row committed (all but the last, which is the next anchor)."""
+    target = hybrid_target(model_type)
+    if not recurrent_state_through_cache():
+        with pytest.raises(ValueError, match=r"transformers>=5.25"):
+            dflash_hf.generate(target, tiny_drafter(target, layer_ids=[0, 3]), random_prompt(5), max_new_tokens=4)
+        return
     prompt = random_prompt(12, seed=1)
-    expected = greedy(target, prompt, 10, eos_token_id=None)
-    with pytest.raises(ValueError, match="linear_attention"):
-        dflash_hf.generate(target, drafter, prompt, max_new_tokens=10)
-    if stock_loop_limitation(target) is None:  # transformers >= 5.25 rolls the recurrent state back
-        with pytest.warns(UserWarning, match="assisted loop"):
-            got = greedy(target, prompt, 10, assistant_model=drafter, eos_token_id=None)
-        assert torch.equal(got, expected)
-        with pytest.raises(ValueError, match="batch of 2"):
-            greedy(target, prompt.expand(2, -1), 10, assistant_model=drafter, eos_token_id=None)
-    else:
-        with pytest.raises(ValueError, match=r"transformers >= 5.25"):
-            greedy(target, prompt, 10, assistant_model=drafter, eos_token_id=None)
-    if NATIVE and stock_loop_limitation(target) is None:
-        native = greedy(target, prompt, 10, assistant_model=drafter, speculation_type="dflash", eos_token_id=None)
-        assert torch.equal(native, expected)
+    expected = greedy(target, prompt, 23, eos_token_id=None)[0, 12:].tolist()
+    for corrupt_every in (0, 3):  # whole blocks accepted; acceptance cut at every third row
+        with OracleDrafter.for_target(target, block_size=6, layer_ids=[0, 3], corrupt_every=corrupt_every) as drafter:
+            decoder = dflash_hf.DFlashDecoder(target, drafter, max_length=40, cuda_graphs=False, compile=False)
+            out = decoder.generate(prompt, max_new_tokens=23, stop_token_ids=[])
+            assert out.new_tokens[0] == expected
+            assert max(out.acceptance_lengths[0]) > 2
+        cache = next(iter(decoder._workspaces.values())).target_cache
+        fed = torch.tensor([prompt[0].tolist() + expected[:-1]])
+        with torch.no_grad():
+            reference = target(fed, use_cache=True).past_key_values
+        linear = [i for i, kind in enumerate(target.config.layer_types) if kind == "linear_attention"]
+        for i in linear:
+            torch.testing.assert_close(cache.recurrent_states[i], reference.layers[i].recurrent_states[0],
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cache.conv_states[i], reference.layers[i].conv_states[0], rtol=1e-5,
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", HYBRID_TYPES)
+def test_hybrid_target_through_every_door(model_type):
+    target, drafter = hybrid_pair(model_type)
+    prompts = [random_prompt(n, seed=n) for n in (14, 9, 11)]
+    expected = [greedy(target, p, 13, eos_token_id=None)[0, p.shape[1]:].tolist() for p in prompts]
+    if drafter is None:  # transformers < 5.25: every door refuses by name
+        drafter = tiny_drafter(target, layers=2, block_size=6, layer_ids=[0, 3])
+        with pytest.raises(ValueError, match=r"transformers>=5.25"):
+            greedy(target, prompts[0], 13, assistant_model=drafter, eos_token_id=None)
+        return
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
+    assert dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=13, stop_token_ids=[]).new_tokens == expected
+    assert dflash_hf.generate(target, None, ids, mask, max_new_tokens=13, stop_token_ids=[]).new_tokens == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the engine, not a fallback
+        plain = target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=13,
+                                eos_token_id=None, pad_token_id=0)
+    assert [plain[r, width:].tolist() for r in range(len(prompts))] == expected
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(p[0]) for p in prompts]
+    reference = pipeline("text-generation", model=target, tokenizer=tokenizer)
+    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    assert [g[0]["generated_text"] for g in assisted(texts, max_new_tokens=13, do_sample=False, batch_size=3)] == [
+        reference(t, max_new_tokens=13, do_sample=False)[0]["generated_text"] for t in texts]
+    native = greedy(target, prompts[0], 13, assistant_model=drafter, speculation_type="dflash", eos_token_id=None)
+    assert native[0, prompts[0].shape[1]:].tolist() == expected[0]
+
+
+def test_hybrid_target_sampling_runs_on_the_engine():
+    target, drafter = hybrid_pair("qwen3_5_text")
+    if drafter is None:
+        pytest.skip("hybrid targets need transformers >= 5.25")
+    out = dflash_hf.generate(target, drafter, random_prompt(8).expand(4, -1), max_new_tokens=12, stop_token_ids=[],
+                             do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(3))
+    assert all(len(row) == 12 for row in out.new_tokens)
