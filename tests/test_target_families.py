@@ -293,3 +293,25 @@ def test_hybrid_target_sampling_runs_on_the_engine():
     out = dflash_hf.generate(target, drafter, random_prompt(8).expand(4, -1), max_new_tokens=12, stop_token_ids=[],
                              do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(3))
     assert all(len(row) == 12 for row in out.new_tokens)
+
+
+@pytest.mark.parametrize("pair", ["gemma4", "qwen3_5_text", "qwen3_next"])
+def test_released_pair_shapes_stop_at_eos_inside_a_block(pair):
+    """EOS in the middle of an accepted block ends the row there, as transformers does (oracle drafter, so that
+    whole blocks are accepted and the stop falls inside one)."""
+    if pair == "gemma4":
+        target, _ = gemma4_pair()
+    else:
+        target = hybrid_target(pair)
+        if not recurrent_state_through_cache():
+            pytest.skip("hybrid targets need transformers >= 5.25")
+    prompt = random_prompt(10, seed=8)
+    free = greedy(target, prompt, 16, eos_token_id=None)[0, 10:].tolist()
+    stop = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i])  # first new token after the 4th
+    expected = greedy(target, prompt, 16, eos_token_id=stop, pad_token_id=0)[0, 10:].tolist()
+    assert expected[-1] == stop and len(expected) < 16
+    layer_ids = [0, 1, 3] if pair == "gemma4" else [0, 3]
+    with OracleDrafter.for_target(target, block_size=6, layer_ids=layer_ids) as drafter:
+        out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=16, stop_token_ids=[stop])
+        assert out.new_tokens[0] == expected
+        assert max(out.acceptance_lengths[0]) > 2
