@@ -932,6 +932,7 @@ class _Workspace:
                  self.anchor, self.out, self.drafts] + ([self.ctx_features] if self.has_drafter else [])
         snapshot = [t.clone() for t in state]
         caches = [*self.target_cache.keys.values(), *self.target_cache.values.values(),
+                  *self.target_cache.conv_states.values(), *self.target_cache.recurrent_states.values(),
                   *self.draft_cache.keys.values(), *self.draft_cache.values.values()]
         cache_snapshot = [t.clone() for t in caches]
         stream = torch.cuda.Stream()
