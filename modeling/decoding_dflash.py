@@ -928,13 +928,8 @@ class _Workspace:
     def _capture_graphs(self) -> None:
         """Capture draft and verify on the live state. Warm-up runs on a snapshot that is restored afterwards, so the
         capture does not advance the generation."""
-        state = [self.pad, self.length, self.ctx_base, self.generated, self.budget, self.done, self.committed,
-                 self.anchor, self.out, self.drafts] + ([self.ctx_features] if self.has_drafter else [])
+        state = self._step_state()
         snapshot = [t.clone() for t in state]
-        caches = [*self.target_cache.keys.values(), *self.target_cache.values.values(),
-                  *self.target_cache.conv_states.values(), *self.target_cache.recurrent_states.values(),
-                  *self.draft_cache.keys.values(), *self.draft_cache.values.values()]
-        cache_snapshot = [t.clone() for t in caches]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -949,8 +944,16 @@ class _Workspace:
             with torch.cuda.graph(graph):
                 fn()
             self.graphs[name] = graph
-        for t, s in zip(state + caches, snapshot + cache_snapshot):
+        for t, s in zip(state, snapshot):
             t.copy_(s)
+
+    def _step_state(self) -> list[torch.Tensor]:
+        """Every tensor a steady step writes (per-row state, outputs, caches), which the capture's warm-up restores."""
+        state = [self.pad, self.length, self.ctx_base, self.generated, self.budget, self.done, self.committed,
+                 self.anchor, self.out, self.drafts] + ([self.ctx_features] if self.has_drafter else [])
+        caches = (self.target_cache.keys, self.target_cache.values, self.target_cache.conv_states,
+                  self.target_cache.recurrent_states, self.draft_cache.keys, self.draft_cache.values)
+        return state + [t for cache in caches for t in cache.values()]
 
 
 @torch.no_grad()

@@ -315,3 +315,38 @@ def test_released_pair_shapes_stop_at_eos_inside_a_block(pair):
         out = dflash_hf.generate(target, drafter, prompt, max_new_tokens=16, stop_token_ids=[stop])
         assert out.new_tokens[0] == expected
         assert max(out.acceptance_lengths[0]) > 2
+
+
+@pytest.mark.parametrize("pair", ["gemma4", "qwen3_5_text"])
+def test_graph_capture_restores_everything_a_step_writes(pair, monkeypatch):
+    """On CUDA the graphs are captured after warm-up steps run on the live state, which is then restored from a
+    snapshot (`_step_state`). Every tensor a step writes must be in that snapshot, or the warm-up would advance the
+    generation: checked here on the first steady step of a run, against every tensor the workspace holds."""
+    from dflash_hf.modeling import decoding_dflash
+
+    if pair == "gemma4":
+        target, drafter = gemma4_pair()
+    else:
+        target, drafter = hybrid_pair(pair)
+        if drafter is None:
+            pytest.skip("hybrid targets need transformers >= 5.25")
+    seen = []
+    replay = decoding_dflash._Workspace._replay_step
+
+    def checked_replay(workspace):
+        held = {id(t): t for t in vars(workspace).values() if torch.is_tensor(t)}
+        for cache in (workspace.target_cache, workspace.draft_cache):
+            for buffers in (cache.keys, cache.values, cache.conv_states, cache.recurrent_states):
+                held.update({id(t): t for t in buffers.values()})
+        before = {key: t.clone() for key, t in held.items()}
+        result = replay(workspace)
+        written = {key for key, t in held.items() if not torch.equal(t, before[key])}
+        seen.append((written, {id(t) for t in workspace._step_state()}))
+        return result
+
+    monkeypatch.setattr(decoding_dflash._Workspace, "_replay_step", checked_replay)
+    decoder = dflash_hf.DFlashDecoder(target, drafter, max_length=40, cuda_graphs=False, compile=False)
+    decoder.generate(random_prompt(9), max_new_tokens=20, stop_token_ids=[])
+    assert seen, "no steady step ran"
+    for written, restored in seen:
+        assert written and written <= restored
