@@ -121,31 +121,6 @@ EOS_POLICY_STOP = (
     "row produced (stop token included); a batch runs until its longest row ends, as it would in use."
 )
 
-# Used only when `dflash_hf.prompts` (the project's held-out prompt sets) is not installed.
-BUILTIN_PROMPTS: dict[str, list[str]] = {
-    "math": [
-        "A bakery sells muffins for $3 each and cookies for $1.50 each. On Monday it sold 42 muffins and 60 cookies. "
-        "How much money did it make? Show your reasoning step by step.",
-        "Solve for x: 3x + 7 = 2x - 5. Explain each step.",
-        "A train travels 180 km in 2.5 hours. What is its average speed in km/h, and how long would it take to travel "
-        "300 km at that speed?",
-        "What is the sum of all integers from 1 to 200 that are divisible by 3 or 5? Work it out carefully.",
-    ],
-    "code": [
-        "Write a Python function that checks whether a number is prime.",
-        "Write a Python function merge_intervals(intervals) that merges overlapping intervals and returns them sorted.",
-        "Implement binary search in Python and explain its time complexity.",
-        "Write a Python class for a stack with push, pop, peek and is_empty methods.",
-    ],
-    "chat": [
-        "Explain the difference between weather and climate to a ten-year-old.",
-        "Give me three tips for writing a clear email to a colleague.",
-        "Summarise the plot of Romeo and Juliet in a few sentences.",
-        "What are the pros and cons of working from home?",
-    ],
-}
-
-
 # ======================================================================================================================
 # Small utilities
 # ======================================================================================================================
@@ -445,26 +420,23 @@ def read_prompt_file(path: str | Path) -> list[dict[str, str]]:
     return [{"category": p.get("category") or "prompt", "prompt": p["prompt"]} for p in prompts]
 
 
-def load_prompts(spec: dict[str, int] | int, seed: int = 0, prompt_file: str | None = None
-                 ) -> tuple[list[dict[str, str]], str]:
-    """`(prompts, source)`: the project's held-out prompts (`dflash_hf.prompts.build_prompts`) when that module exists,
-    else the small built-in list; with `prompt_file`, that file's prompts (`--prompts` then picks per category from
-    them). Each prompt is `{"category", "prompt"}`."""
+def load_prompts(spec: dict[str, int] | int, seed: int = 0, prompt_file: str | None = None,
+                 prompt_set: str = "independent") -> tuple[list[dict[str, str]], str]:
+    """`(prompts, source)`: the project's independent evaluation set (`dflash_hf.prompts.eval_prompts`, written apart
+    from the training prompt generator), or with `prompt_set="heldout"` the training generator's held-out split
+    (labelled in-distribution in the source); with `prompt_file`, that file's prompts. `--prompts` then picks per
+    category. Each prompt is `{"category", "prompt"}`."""
+    from dflash_hf.prompts import EVAL_SOURCE, HELDOUT_SOURCE, build_prompts, eval_prompts
+
     need = max(spec.values()) if isinstance(spec, dict) else spec
-    pool: list[dict[str, str]]
-    try:
-        from dflash_hf.prompts import build_prompts  # another part of the project; optional here
-    except ImportError:
-        build_prompts = None
     if prompt_file is not None:
-        pool = read_prompt_file(prompt_file)
-        source = f"{prompt_file}"
-    elif build_prompts is not None:
-        pool = [dict(p) for p in build_prompts(need, split="heldout", seed=seed)]
-        source = "dflash_hf.prompts.build_prompts(split='heldout')"
+        pool, source = read_prompt_file(prompt_file), f"{prompt_file}"
+    elif prompt_set == "heldout":
+        pool, source = [dict(p) for p in build_prompts(need, split="heldout", seed=seed)], HELDOUT_SOURCE
+    elif prompt_set == "independent":
+        pool, source = [dict(p) for p in eval_prompts()], EVAL_SOURCE
     else:
-        pool = [{"category": c, "prompt": p} for c, items in BUILTIN_PROMPTS.items() for p in items]
-        source = "built-in list (dflash_hf.prompts not available)"
+        raise ValueError(f"prompt_set must be 'independent' or 'heldout', got {prompt_set!r}.")
     by_category: dict[str, list[dict[str, str]]] = {}
     for item in pool:
         by_category.setdefault(item["category"], []).append(item)
