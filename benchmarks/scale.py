@@ -20,7 +20,13 @@ Models (`--models`):
 - `gemma4-26b-a4b`: transformers' `Gemma4ForCausalLM` with gemma-4-26B-A4B's text shapes (30 layers, hidden 2816,
   128 experts top-8 of width 704 + dense MLP 2112, 16 heads, 8 sliding / 2 global KV heads, head_dim 256 / 512, vocab
   262144, sliding window 1024, softcap 30) and the gemma-4-26B-A4B-it-DFlash drafter shape (5 layers, hidden 2816,
-  intermediate 5632, 6 target layers [1, 6, 11, 17, 22, 27], mask 4, softcap 30).
+  intermediate 5632, 6 target layers [1, 6, 11, 17, 22, 27], mask 4, softcap 30; 4 causal sliding layers of window
+  2048 + 1 full layer, each with its own mask in the loop).
+- `qwen3.5-27b`: a hybrid target, transformers' `Qwen3_5ForCausalLM` with Qwen3.5-27B's published sizes (64 layers,
+  3 gated delta-net linear-attention layers then 1 full, hidden 5120, MLP 17408, vocab 248320; heads assumed from
+  transformers' defaults) and the Qwen3.5-27B-DFlash drafter shape (5 full layers, ids [1, 16, 31, 46, 61]). Needs
+  transformers >= 5.25 (the loop keeps the linear-attention states per row through 5.25's cache methods); projected
+  at Qwen3-8B's published tau, since none is published for Qwen3.5.
 - `gemma4-dense-standin`: a dense Llama-style stand-in of equal *active* size (MLP width 2112 + 8 x 704 = 7744), used
   automatically when the installed transformers lacks Gemma4 or the Gemma4 run fails; always labelled as a stand-in.
 
@@ -63,6 +69,8 @@ PUBLISHED_TAU = {
     "gemma4-26b-a4b": {"GSM8K": 7.7, "MATH500": 8.6, "chat (MT-Bench)": 4.3},
 }
 PUBLISHED_TAU["gemma4-dense-standin"] = PUBLISHED_TAU["gemma4-26b-a4b"]
+# No tau is published for the Qwen3.5 drafters (docs/DFLASH.md): projected at Qwen3-8B's, and labelled so.
+PUBLISHED_TAU["qwen3.5-27b"] = PUBLISHED_TAU["qwen3-8b"]
 
 GEMMA_LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 5
 
@@ -113,7 +121,25 @@ def target_config(name: str, tiny: bool):
         )
         return config, ("DENSE STAND-IN for gemma-4-26B-A4B: Llama layers of the same active size "
                         "(hidden 2816, MLP 2112 + 8x704 = 7744, 16/8 heads of 256), not Gemma4")
-    raise ValueError(f"--models: unknown model {name!r}; choose from qwen3-8b, gemma4-26b-a4b, gemma4-dense-standin.")
+    if name == "qwen3.5-27b":
+        from transformers import Qwen3_5TextConfig  # ImportError: the installed transformers has no Qwen3.5
+
+        layers = _shrink(tiny, 64, 8)
+        config = Qwen3_5TextConfig(
+            vocab_size=_shrink(tiny, 248320, 512), hidden_size=_shrink(tiny, 5120, 64),
+            intermediate_size=_shrink(tiny, 17408, 192), num_hidden_layers=layers,
+            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),
+            head_dim=_shrink(tiny, 256, 16), num_attention_heads=_shrink(tiny, 16, 4),
+            num_key_value_heads=_shrink(tiny, 4, 2), linear_num_value_heads=_shrink(tiny, 32, 4),
+            linear_num_key_heads=_shrink(tiny, 16, 2), linear_key_head_dim=_shrink(tiny, 128, 16),
+            linear_value_head_dim=_shrink(tiny, 128, 16), max_position_embeddings=262144, tie_word_embeddings=False,
+            eos_token_id=_shrink(tiny, 248044, 2), pad_token_id=_shrink(tiny, 248044, 0),
+        )
+        return config, ("Qwen3.5-27B shapes: 64 layers (3 gated delta-net linear-attention layers, then 1 full, "
+                        "repeated), hidden 5120, MLP 17408, vocab 248320 (docs/DFLASH.md); attention and linear heads "
+                        "taken from transformers' Qwen3.5 config defaults (assumed); random weights")
+    raise ValueError(f"--models: unknown model {name!r}; choose from qwen3-8b, gemma4-26b-a4b, gemma4-dense-standin, "
+                     "qwen3.5-27b.")
 
 
 def drafter_config(name: str, target_cfg, tiny: bool):
@@ -121,6 +147,19 @@ def drafter_config(name: str, target_cfg, tiny: bool):
     from dflash_hf import DFlashConfig
 
     text = target_cfg.get_text_config() if hasattr(target_cfg, "get_text_config") else target_cfg
+    if name == "qwen3.5-27b":
+        ids = [1, 3, 4, 5, 6] if tiny else [1, 16, 31, 46, 61]
+        config = DFlashConfig(
+            hidden_size=text.hidden_size, intermediate_size=_shrink(tiny, 17408, 192),
+            num_hidden_layers=_shrink(tiny, 5, 2), num_attention_heads=_shrink(tiny, 32, 4),
+            num_key_value_heads=_shrink(tiny, 8, 2), head_dim=_shrink(tiny, 128, 16), vocab_size=text.vocab_size,
+            rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144, block_size=16,
+            num_target_layers=text.num_hidden_layers,
+            dflash_config={"mask_token_id": _shrink(tiny, 248070, 5), "target_layer_ids": ids},
+        )
+        return config, ("Qwen3.5-27B-DFlash shape (5 layers, all full attention, mask 248070, target layers "
+                        "1,16,31,46,61); drafter heads 32/8 x 128 assumed (not published); projected at Qwen3-8B's "
+                        "published tau (none is published for Qwen3.5)")
     if name == "qwen3-8b":
         ids = [1, 3, 4, 5, 6] if tiny else [1, 9, 17, 25, 33]
         config = DFlashConfig(

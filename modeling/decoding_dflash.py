@@ -646,11 +646,8 @@ class _Workspace:
         keys = self.slot_ids[: self.capacity][None, None, :]
         q = query_slots[:, :, None]
         valid = (keys >= self.pad[:, None, None]) | (keys == q)
-        masks = target_layer_masks(self.d.target_windows, q, keys, valid, dtype)
-        if self.d.recurrent_kinds:  # linear-attention layers zero the inputs of padding tokens: a 2D [b, q] mask
-            real = (query_slots >= self.pad[:, None]).to(dtype)
-            masks.update({kind: real for kind in self.d.recurrent_kinds})
-        return masks
+        return target_layer_masks(self.d.target_windows, q, keys, valid, dtype, self.d.recurrent_kinds,
+                                  query_valid=query_slots >= self.pad[:, None])
 
     def _draft_mask(self, n_ctx: int, dtype) -> torch.Tensor | dict:
         """Additive mask `[batch, 1, B, capacity + B]` for the block queries of a draft call, or one per drafter layer

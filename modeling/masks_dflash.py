@@ -115,12 +115,18 @@ def recurrent_layer_kinds(text_config) -> list[str]:
 
 
 def target_layer_masks(windows: dict[str | None, int | None], query_pos: torch.Tensor, key_pos: torch.Tensor,
-                       key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The target's additive attention masks `[batch, 1, q, k]` from `target_mask_windows`: one tensor, or
-    `{layer_type: mask}`. Positions and `key_valid` as in `drafter_block_masks`."""
+                       key_valid: torch.Tensor, dtype: torch.dtype, recurrent_kinds: list[str] | tuple = (),
+                       query_valid: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The target's masks: additive attention masks `[batch, 1, q, k]` from `target_mask_windows` (one tensor, or
+    `{layer_type: mask}`), plus, for a hybrid target's `recurrent_kinds`, the 2D `[batch, q]` mask of real (not
+    padding) queries `query_valid` that its linear-attention layers multiply their inputs by. Positions and
+    `key_valid` as in `drafter_block_masks`."""
     masks = {kind: additive_mask(key_valid & causal_visibility(query_pos, key_pos, window), dtype)
              for kind, window in windows.items()}
-    return masks[None] if None in masks else masks
+    if None in masks:
+        return masks[None]
+    masks.update({kind: query_valid.to(dtype) for kind in recurrent_kinds})
+    return masks
 
 
 __all__ = ["ATTENTION_LAYER_KINDS", "RECURRENT_LAYER_KINDS", "additive_mask", "block_visibility", "causal_visibility", "drafter_block_masks",

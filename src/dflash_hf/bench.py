@@ -672,7 +672,12 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
     from dflash_hf.modeling.generation_dflash import embed_block, target_text_config
     from dflash_hf.modeling.compat_dflash import cache_kwarg as compat_cache_kwarg
     from dflash_hf.modeling.compat_dflash import forward_accepts
-    from dflash_hf.modeling.masks_dflash import drafter_block_masks, target_layer_masks, target_mask_windows
+    from dflash_hf.modeling.masks_dflash import (
+        drafter_block_masks,
+        recurrent_layer_kinds,
+        target_layer_masks,
+        target_mask_windows,
+    )
 
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
@@ -682,12 +687,13 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
         raise ValueError(f"context {context} + block {B} exceeds capacity {capacity}.")
     cache_kwarg = compat_cache_kwarg(target)
     pass_cache_position = forward_accepts(target, "cache_position")
-    windows = target_mask_windows(text)
+    windows, recurrent = target_mask_windows(text), recurrent_layer_kinds(text)
 
     def target_mask(query_slots: torch.Tensor):  # [batch, q] -> [batch, 1, q, capacity] (or a dict per layer type)
         keys = torch.arange(capacity, device=device)[None, None, :]
         q = query_slots[:, :, None]
-        return target_layer_masks(windows, q, keys, torch.ones_like(keys, dtype=torch.bool), dtype)
+        return target_layer_masks(windows, q, keys, torch.ones_like(keys, dtype=torch.bool), dtype, recurrent,
+                                  query_valid=torch.ones_like(query_slots, dtype=torch.bool))
 
     def target_forward_fn(q_len: int):
         cache = RowStaticCache(capacity)
@@ -697,6 +703,10 @@ def bare_forward_costs(target: nn.Module, drafter: nn.Module, *, batch: int, cap
         kwargs = {cache_kwarg: cache, "use_cache": True}
         if pass_cache_position:
             kwargs["cache_position"] = slots[0]
+        if recurrent:  # a hybrid target's linear-attention layers need their states: a prefill, then verifies
+            cache.write_slots = slots
+            target(input_ids=ids, position_ids=slots, attention_mask=mask, **kwargs)
+            cache.prefilling, cache.keep_states = False, q_len
 
         def fn():
             cache.write_slots = slots
