@@ -38,10 +38,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "on cuda, else fp32)")
 
 
-def resolve_device(name: str) -> str:
-    """The concrete device of a parsed `--device` (auto = cuda when torch sees a GPU, else cpu); `dflash-hf serve`
-    uses it too."""
-    return resolve_device_dtype(name, "fp32")[0]
+def resolve_device(name: str | None) -> str:
+    """The concrete device of a parsed `--device` (auto, or None as before auto existed: cuda when torch sees a GPU,
+    else cpu); `dflash-hf serve` uses it too."""
+    return resolve_device_dtype(name or "auto", "fp32")[0]
 
 
 def load_pair(args, *, quiet: bool = False):
