@@ -93,8 +93,12 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 # The long spellings (torch's own names) are accepted and normalised to the short ones.
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPE_NAMES = {short: long for long, short in DTYPE_ALIASES.items()}
-DTYPE_METAVAR = "{" + ",".join(DTYPES) + "}"
 DEVICE_METAVAR = "{auto,cpu,cuda,cuda:N}"
+
+
+def _not_a_dtype(text: str, words: tuple[str, ...]) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(
+        f"{text!r} is not a dtype; use one of {', '.join(words)} (or bfloat16, float16, float32)")
 
 
 def dtype(text: str) -> str:
@@ -102,8 +106,7 @@ def dtype(text: str) -> str:
     value = text.strip().lower()
     value = DTYPE_ALIASES.get(value, value)
     if value not in DTYPES:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a dtype; use one of {', '.join(DTYPES)} (or bfloat16, float16, float32)")
+        raise _not_a_dtype(text, DTYPES)
     return value
 
 
@@ -117,6 +120,8 @@ def device(text: str) -> str:
 
 def add_dtype_argument(parser, *, default: str, help: str, extra: tuple[str, ...] = ()) -> None:
     """`--dtype` in the shared vocabulary; `extra` adds a command's own words (export's `keep`)."""
+    words = DTYPES + extra
+
     def parse(text: str) -> str:
         word = text.strip().lower()
         if word in extra:
@@ -124,14 +129,9 @@ def add_dtype_argument(parser, *, default: str, help: str, extra: tuple[str, ...
         try:
             return dtype(text)
         except argparse.ArgumentTypeError:
-            if not extra:
-                raise
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a dtype; use one of {', '.join(DTYPES + extra)} (or bfloat16, float16, float32)"
-            ) from None
+            raise _not_a_dtype(text, words) from None  # the message names this command's extra words too
 
-    parser.add_argument("--dtype", type=parse, default=default, metavar="{" + ",".join(DTYPES + extra) + "}",
-                        help=help)
+    parser.add_argument("--dtype", type=parse, default=default, metavar="{" + ",".join(words) + "}", help=help)
 
 
 def add_device_argument(parser, *, help: str = "auto (default: cuda when torch sees a GPU, else cpu), cpu, cuda, "
