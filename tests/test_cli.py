@@ -101,7 +101,7 @@ def test_bad_arguments_fail_clearly(args, message, capsys):
 def test_bad_arguments_through_the_console_entry_point():
     result = cli("demo", "--device", "tpu")
     assert result.returncode == 2
-    assert "--device 'tpu' is not supported; use cpu or cuda." in result.stderr
+    assert "argument --device: 'tpu' is not a device; use auto, cpu, cuda or cuda:N" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -1675,48 +1675,11 @@ def write_plot(payload: dict[str, Any], path: Path) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="smollm2", help="'smollm2' (embedded default) or a local model folder")
-    parser.add_argument("--drafter", default="bundled",
-                        help="a drafter folder, 'bundled' (the shipped SmolLM2 drafter) or 'random:N' (untrained)")
-    parser.add_argument("--dtype", default="auto", help="bf16 | fp32 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", default="auto", help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--batch-sizes", default="1,8",
-                        help="comma list for the batched methods (ar_eager, ar_static, dflash_loop_*, bare)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per method (best and median kept)")
-    parser.add_argument("--warmup-tokens", type=int, default=16,
-                        help="length of the warm-up call of eager methods (static and graphed ones warm up full length)")
-    parser.add_argument("--methods", default=",".join(METHOD_ORDER),
-                        help=f"comma subset of: {', '.join(METHOD_ORDER)} (ar_eager b=1 always runs: the reference)")
-    parser.add_argument("--prompts", default="1", help="N per category, or e.g. 'math:2,code:1,chat:1'")
-    parser.add_argument("--prompt-file", default=None,
-                        help="JSON list of prompts ({category, prompt} objects or strings) instead of the project's "
-                             "held-out prompts, e.g. benchmarks/prompts/everyday.json (written independently of the "
-                             "training data); --prompts then counts per category of the file")
-    parser.add_argument("--seed", type=cli_args.seed, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--block-size", type=int, default=16, help="block size of a random:N drafter")
-    parser.add_argument("--assistant-layers", type=int, default=None,
-                        help="layers of the truncated-target assistant (default: target layers // 6)")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
-    parser.add_argument("--out", default=None, help="result name: writes <results-dir>/<out>.json/.md/.png")
-    parser.add_argument("--results-dir", default="benchmarks/results")
-    parser.add_argument("--time-budget", type=float, default=0.0,
-                        help="seconds; methods not started by then are skipped (results are written as they come)")
-    parser.add_argument("--method-time-limit", type=float, default=0.0,
-                        help="seconds of timed passes per method and batch size (warm-up excluded); stop "
-                             "repeating after a full pass once exceeded")
-    parser.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as plain text")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the last N prompt tokens")
-    parser.add_argument("--bare-iters", type=int, default=50)
-    parser.add_argument("--bare-compile-batches", default="1",
-                        help="batch sizes at which the bare floor is also measured compiled (CUDA, with "
-                             "dflash_loop_compiled); '' for none. Each costs a compile of verify and draft")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--stop-at-eos", action="store_true",
-                        help="stop every row at the target's EOS token(s) instead of generating exactly "
-                             "--max-new-tokens (default: EOS ignored, equal work for every method)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is fastest for tiny models on a busy CPU)")
+    # The definitions live in dflash_hf.commands.bench, which does not import torch, so that `dflash-hf bench --help`
+    # answers at once; this name stays for callers that build their own parser.
+    from dflash_hf.commands.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:

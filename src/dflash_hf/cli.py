@@ -1,7 +1,8 @@
 """`dflash-hf` command line: one subcommand per module in `dflash_hf.commands`.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func` to a callable taking the
-parsed namespace and returning an exit code.
+parsed namespace and returning an exit code. Command modules import torch and transformers inside `func`, never at
+import time, so `dflash-hf --help` and every `dflash-hf COMMAND --help` answer without loading them.
 
 Errors end in one line, `dflash-hf <command>: error: <what was wrong and the fix>`, never a traceback, with the exit
 status saying whose move it is:
@@ -19,7 +20,7 @@ import pkgutil
 import sys
 
 from dflash_hf import commands
-from dflash_hf.cli_args import RuntimeFailure
+from dflash_hf.cli_args import RuntimeFailure, package_version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dflash-hf",
         description="DFlash block-diffusion speculative decoding for Hugging Face transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"dflash_hf.commands.{info.name}").register(subparsers)

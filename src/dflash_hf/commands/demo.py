@@ -12,15 +12,13 @@ import argparse
 import sys
 import time
 
-from dflash_hf.cli_args import positive_int
-from dflash_hf.stops import target_stop_ids
+from dflash_hf.cli_args import add_device_argument, add_dtype_argument, positive_int, resolve_device_dtype
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
     "Write a Python function that checks whether a number is prime.",
     "List three tips for staying focused while studying.",
 )
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -34,31 +32,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", default="bundled",
                         help="'bundled' (the SmolLM2 drafter shipped with dflash-hf, default) or a local drafter "
                              "folder (an export of ours or a z-lab release)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="weights dtype (default float32: exact on CPU; bfloat16 can flip near-ties vs greedy)")
+    add_device_argument(parser)
+    add_dtype_argument(parser, default="fp32",
+                       help="weights dtype (default fp32: exact on CPU; bf16 can flip near-ties vs greedy; auto = bf16 "
+                            "on cuda, else fp32)")
 
 
 def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r} is not supported; use cpu or cuda.")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was requested but torch sees no CUDA GPU; use --device cpu.")
-    return name
+    """The concrete device of a parsed `--device` (auto, or None as before auto existed: cuda when torch sees a GPU,
+    else cpu); `dflash-hf serve` uses it too."""
+    return resolve_device_dtype(name or "auto", "fp32")[0]
 
 
 def load_pair(args, *, quiet: bool = False):
     """`(target, tokenizer, drafter, trained)` from `--target/--drafter/--device/--dtype`."""
-    import torch
-
     from dflash_hf.assets import resolve_drafter, resolve_target
 
-    device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.drafter == "bundled" and args.target.lower() not in ("smollm2", "default"):
         raise ValueError(
             f"--drafter bundled is the SmolLM2-135M-Instruct drafter and cannot draft for --target {args.target}; "
@@ -145,8 +135,10 @@ def _dflash(route, target, drafter, ids, max_new_tokens, stops, decoder=None):
 def run(args) -> int:
     import torch
 
+    from dflash_hf.stops import target_stop_ids
+
     target, tokenizer, drafter, trained = load_pair(args, quiet=True)
-    device = next(target.parameters()).device
+    device, dtype = next(target.parameters()).device, next(target.parameters()).dtype
     stops = target_stop_ids(target, tokenizer)
     prompts = args.prompts or list(DEFAULT_PROMPTS)
     if any(not p.strip() for p in prompts):
@@ -158,7 +150,7 @@ def run(args) -> int:
         kind = "bundled (trained)"
     else:
         kind = f"from {args.drafter}"
-    print(f"dflash-hf demo: target {name} on {device} ({args.dtype}); drafter {kind}, block "
+    print(f"dflash-hf demo: target {name} on {device} ({str(dtype).removeprefix('torch.')}); drafter {kind}, block "
           f"{drafter.config.block_size}, reads target layers {drafter.config.target_layer_ids}; "
           f"route {args.route}; {args.max_new_tokens} new tokens per prompt")
     if not trained:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-DTYPE_CHOICES = ("bfloat16", "float16", "float32", "keep")
+from dflash_hf.cli_args import TORCH_DTYPE_NAMES, add_dtype_argument
 
 
 def add_card_arguments(parser) -> None:
@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     parser.add_argument("--target", required=True,
                         help="the drafter's target: 'smollm2', a Hub id (for the card) or a local model folder "
                              "(its config is checked against the drafter)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16",
-                        help="weights dtype in the export (default bfloat16, as released drafters; keep = unchanged)")
+    add_dtype_argument(parser, default="bf16", extra=("keep",),
+                       help="weights dtype in the export (default bf16, as released drafters; auto or keep = the "
+                            "stored dtype, unchanged)")
     add_card_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -138,7 +139,7 @@ def run(args) -> int:
     if args.drafter.lower() == "bundled" and args.target.lower() != "smollm2":
         raise ValueError("DRAFTER 'bundled' is the SmolLM2-135M-Instruct drafter; export it with --target smollm2.")
     source_dtype = weights_dtype(args.drafter)
-    dtype = source_dtype if args.dtype == "keep" else getattr(torch, args.dtype)
+    dtype = source_dtype if args.dtype in ("auto", "keep") else getattr(torch, TORCH_DTYPE_NAMES[args.dtype])
     drafter, trained = resolve_drafter(args.drafter, dtype=dtype)
     if not trained:
         print("dflash-hf export: warning: no trained SmolLM2 drafter is bundled yet; exporting UNTRAINED random "

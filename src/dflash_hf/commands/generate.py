@@ -10,7 +10,6 @@ import sys
 
 from dflash_hf.cli_args import positive_int, seed, temperature
 from dflash_hf.commands.demo import add_model_arguments, encode, load_pair
-from dflash_hf.stops import target_stop_ids
 
 
 def register(subparsers) -> None:
@@ -44,6 +43,8 @@ class Session:
     compiled steps, survive between calls; it is rebuilt larger only when a conversation outgrows it)."""
 
     def __init__(self, target, tokenizer, drafter):
+        from dflash_hf.stops import target_stop_ids
+
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.decoder = None
         self.stops = target_stop_ids(target, tokenizer)

@@ -17,8 +17,11 @@ import json
 import sys
 import time
 
-from dflash_hf.cli_args import positive_int
-from dflash_hf.training.data import ENGINES
+from dflash_hf.cli_args import add_device_argument, add_dtype_argument, positive_int
+
+# dflash_hf.training.data.ENGINES, written out so that building the parser does not import torch (a test keeps the
+# two equal).
+ENGINES = ("auto", "hf-static", "hf-dynamic", "loop")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +29,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True,
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local folder of a causal LM "
                              "with its tokenizer (nothing is downloaded)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto (this process's GPU if any, else CPU), cpu, cuda:N")
+    add_dtype_argument(parser, default="auto", help="weights dtype (default auto: bf16 on GPU, fp32 on CPU)")
+    add_device_argument(parser, help="auto (default: this process's GPU, cuda:$LOCAL_RANK under torchrun, if any, "
+                                     "else cpu), cpu, cuda (this process's GPU), cuda:N")
 
 
 def register(subparsers) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from dflash_hf.cli_args import non_negative_int, positive_int
-from dflash_hf.commands.demo import DTYPES
+from dflash_hf.cli_args import (
+    add_device_argument, add_dtype_argument, non_negative_int, positive_int, resolve_device_dtype,
+)
 
 
 def _port(text: str) -> int:
@@ -39,10 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="prompt + max_tokens limit per request and the static cache length "
                              "(default: min(target max_position_embeddings, 8192))")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="weights dtype (default float32: greedy output identical to the target's; bfloat16 is "
-                             "faster on GPU but near-ties may flip)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    add_dtype_argument(parser, default="fp32",
+                       help="weights dtype (default fp32: greedy output identical to the target's; bf16 is faster on "
+                            "GPU but near-ties may flip; auto = bf16 on cuda, else fp32)")
+    add_device_argument(parser)
     parser.add_argument("--served-model-name", default=None,
                         help="name reported in responses and /v1/models (default: the target's folder name)")
     parser.add_argument("--compile", action="store_true",
@@ -66,6 +67,9 @@ def run(args) -> int:
     except ImportError as error:
         raise ValueError(str(error)) from None  # printed by the CLI as a one-line error naming the fix
 
+    # The server reads torch.<args.dtype>, so it gets the concrete device and torch's own name for the dtype.
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    args.device, args.dtype = device, str(dtype).removeprefix("torch.")
     code = main(args)
     # The server has shut down gracefully and holds nothing to save. Python's own teardown of torch/transformers
     # takes seconds on a busy machine, which a supervisor waiting for SIGTERM to take effect should not pay.

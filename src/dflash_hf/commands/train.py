@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from dflash_hf.cli_args import dtype as cli_dtype
 from dflash_hf.cli_args import non_negative_float, positive_float, positive_int, seed
 from dflash_hf.commands.make_data import add_target_arguments
 
@@ -109,8 +110,8 @@ def register(subparsers) -> None:
     evaluation.add_argument("--system-prompt", default=None, help="system message before each eval prompt")
     output = parser.add_argument_group("output")
     output.add_argument("--save-every", type=positive_int, default=None, help="checkpoint every N steps")
-    output.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="dtype of saved weights (default bfloat16, as released drafters)")
+    output.add_argument("--save-dtype", type=cli_dtype, default="bf16", choices=("bf16", "fp32"),
+                        help="dtype of saved weights: bf16 (default, as released drafters) or fp32")
     output.add_argument("--log-every", type=positive_int, default=10, help="history granularity in steps")
     output.add_argument("--no-plot", action="store_true", help="skip curves.png")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -230,7 +231,7 @@ def run(args) -> int:
             eval_max_new_tokens=args.eval_max_new_tokens, eval_backend=args.eval_backend,
             eval_batch_size=args.eval_batch_size, stop_token_ids=target_stop_ids(target, tokenizer),
             pad_token_id=pad_token_id(target, tokenizer), output_dir=args.output, save_every=args.save_every,
-            save_dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32, log_every=args.log_every,
+            save_dtype=torch.bfloat16 if args.save_dtype == "bf16" else torch.float32, log_every=args.log_every,
             plot=not args.no_plot, progress=not args.no_progress, run_info=run_info,
         )
         if rank == 0:
