@@ -6,6 +6,8 @@ Also in-process checks of the pieces the GPU run depends on (truncated assistant
 
 from __future__ import annotations
 
+import argparse
+
 import importlib.util
 import json
 import os
@@ -259,6 +261,25 @@ def test_prompt_spec_and_left_padding():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="unknown category 'poetry'"):
         bench.load_prompts({"poetry": 1})
+
+
+def test_prompt_sets():
+    """The default is the independent evaluation set; the generator's held-out split is labelled in-distribution; an
+    unknown set is refused by name."""
+    from dflash_hf.prompts import EVAL_SOURCE, eval_prompts
+
+    prompts, source = bench.load_prompts(bench.parse_prompt_spec("2"))
+    assert source == EVAL_SOURCE
+    written = {p["prompt"] for p in eval_prompts()}
+    assert len(prompts) == 6 and all(p["prompt"] in written for p in prompts)
+    prompts, source = bench.load_prompts(1, prompt_set="heldout")
+    assert "in-distribution" in source and not {p["prompt"] for p in prompts} & written
+    with pytest.raises(ValueError, match="'training'"):
+        bench.load_prompts(1, prompt_set="training")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).prompt_set == "independent"
+    assert parser.parse_args(["--prompt-set", "heldout"]).prompt_set == "heldout"
 
 
 def test_prompt_file(tmp_path: Path):

