@@ -432,3 +432,21 @@ def test_cli_convert_dry_run_lists_and_writes_nothing(exported, tmp_path, capsys
     code, stdout, _ = run_main(["convert", exported["zlab"], "--out", out, "--dry-run"], capsys)
     assert code == 0 and "model.safetensors" in stdout and "custom_generate/generate.py" in stdout
     assert not out.exists()
+
+
+def test_exported_and_trained_weights_are_readable_like_other_files(exported, tmp_path):
+    """safetensors writes weights 0600; an export (and a trained drafter) gives them the mode of its other files, so a
+    shared model folder is readable by the users its config.json is readable by."""
+    import os
+    import stat
+
+    from dflash_hf.training.recipe import save_drafter
+
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for folder in (exported["export"].folder, exported["converted"].folder):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+        assert modes["model.safetensors"] == want == modes["config.json"], modes
+    saved = save_drafter(exported["drafter"], tmp_path / "trained", dtype=None)
+    assert stat.S_IMODE((saved / "model.safetensors").stat().st_mode) == want

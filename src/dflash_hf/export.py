@@ -456,11 +456,22 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
+def make_files_readable(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain `open()` would (0644 under the usual umask 022):
+    safetensors writes weights 0600, which other users of a shared model folder cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def _finish(tmp: Path, out: Path) -> ExportResult:
     """Swap the finished `tmp` in for `out`: the previous export is set aside first and removed only once the new one
     is in place."""
     out = out.resolve()
     tmp.chmod(0o755)
+    make_files_readable(tmp)
     previous = None
     if out.exists():
         previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

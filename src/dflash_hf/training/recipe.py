@@ -459,6 +459,9 @@ def save_drafter(drafter: DFlashDraftModel, path: str | os.PathLike, dtype: torc
     if dtype is not None and next(drafter.parameters()).dtype != dtype:
         model = copy.deepcopy(drafter).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
+    from dflash_hf.export import make_files_readable  # the export's rule for weight files
+
+    make_files_readable(path)
     return path
 
 
