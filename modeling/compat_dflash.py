@@ -56,21 +56,25 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def keeps_hidden_states_with_logits_to_keep(model: nn.Module) -> bool:
     """Whether `model.forward(logits_to_keep=1)` still computes every position in every layer. Gemma-4 (5.24+) drops
     all but the kept positions from its first KV-shared layer on, which would cut the target features a drafter
     reads from the later layers."""
     if not forward_accepts(model, "logits_to_keep"):
         return False
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return not getattr(text, "num_kv_shared_layers", 0)
+    return not getattr(_text_config(model), "num_kv_shared_layers", 0)
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
     """Whether the model's layers carry state a KV cache cannot crop (linear attention, convolutions): declared by
     `_is_stateful` (4.57-5.24) or by non-attention kinds in `config.layer_types` (5.25)."""
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    kinds = set(getattr(text, "layer_types", None) or [])
+    kinds = set(getattr(_text_config(model), "layer_types", None) or [])
+    # masks_dflash.ATTENTION_LAYER_KINDS, written out: this module imports no sibling (it is loaded on its own too).
     return bool(getattr(model, "_is_stateful", False)) or bool(kinds - {"full_attention", "sliding_attention"})
 
 

@@ -129,5 +129,6 @@ def target_layer_masks(windows: dict[str | None, int | None], query_pos: torch.T
     return masks
 
 
-__all__ = ["ATTENTION_LAYER_KINDS", "RECURRENT_LAYER_KINDS", "additive_mask", "block_visibility", "causal_visibility", "drafter_block_masks",
-           "drafter_layer_patterns", "recurrent_layer_kinds", "target_layer_masks", "target_mask_windows"]
+__all__ = ["ATTENTION_LAYER_KINDS", "RECURRENT_LAYER_KINDS", "additive_mask", "block_visibility", "causal_visibility",
+           "drafter_block_masks", "drafter_layer_patterns", "recurrent_layer_kinds", "target_layer_masks",
+           "target_mask_windows"]

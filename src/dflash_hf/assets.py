@@ -275,11 +275,13 @@ def explained_load(what: str, fix: str):
 def refuse_drafter_as_target(folder: Path, option: str = "--target") -> None:
     """A ValueError if `folder` holds a DFlash drafter: it is not a causal LM, and loading it as one would stop at
     transformers' interactive trust-remote-code prompt (its config names our remote code)."""
+    from dflash_hf.modeling.configuration_dflash import DFlashConfig
+
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return  # missing or unreadable: the loader reports it
-    if isinstance(config, dict) and (config.get("model_type") == "dflash_draft"
+    if isinstance(config, dict) and (config.get("model_type") == DFlashConfig.model_type
                                      or "DFlashDraftModel" in (config.get("architectures") or [])):
         raise ValueError(f"{option} {folder} is a DFlash drafter, not a target model; pass it as --drafter {folder} "
                          "and the model it drafts for as --target.")

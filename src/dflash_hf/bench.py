@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from dflash_hf.cli_args import resolve_device_dtype
 from dflash_hf.modeling.decoding_dflash import last_error_line
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
@@ -956,23 +957,6 @@ class BenchOptions:
     stop_at_eos: bool = False
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
-        raise ValueError(f"--device {device!r}: use cuda or cpu.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch.cuda.is_available() is False; use --device cpu.")
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"--dtype {dtype!r}: use bf16, fp32 or fp16.")
-    return dev, table[dtype]
-
-
 def validate_options(opts: BenchOptions) -> None:
     unknown = [m for m in opts.methods if m not in METHODS]
     if unknown:
@@ -1185,6 +1169,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
 
     validate_options(opts)
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
+    device = torch.device(device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     start_wall = time.perf_counter()

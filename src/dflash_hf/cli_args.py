@@ -139,18 +139,24 @@ def add_device_argument(parser, *, help: str = "auto (default: cuda when torch s
     parser.add_argument("--device", type=device, default="auto", metavar=DEVICE_METAVAR, help=help)
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """The concrete device and torch dtype of a parsed `--device` / `--dtype`: device auto = cuda when torch sees a
-    GPU, else cpu; dtype auto = bf16 on cuda (its speed and memory), fp32 elsewhere (bf16 matmuls are slow on CPU)."""
+def resolve_device_dtype(device_word: str, dtype_word: str) -> tuple[str, torch.dtype]:
+    """The concrete device and torch dtype of a `--device` / `--dtype` word: device auto = cuda when torch sees a
+    GPU, else cpu; dtype auto = bf16 on cuda (its speed and memory), fp32 elsewhere (bf16 matmuls are slow on CPU).
+    Words that did not come through argparse (bench's options, for one) are checked here by the same rules."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was requested but torch sees no CUDA GPU; use --device cpu (or auto).")
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    return device, getattr(torch, TORCH_DTYPE_NAMES[DTYPE_ALIASES.get(dtype, dtype)])
+    try:
+        device_word, dtype_word = device(device_word), dtype(dtype_word)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(str(error)) from None
+    if device_word == "auto":
+        device_word = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device_word.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_word} was requested but torch sees no CUDA GPU; use --device cpu (or "
+                         "auto).")
+    if dtype_word == "auto":
+        dtype_word = "bf16" if device_word.startswith("cuda") else "fp32"
+    return device_word, getattr(torch, TORCH_DTYPE_NAMES[dtype_word])
 
 
 def package_version() -> str:
