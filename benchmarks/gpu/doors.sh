@@ -8,7 +8,14 @@
 #        transformers >= 5.25: carry .carry/tf/ (transformers-5.25.0 and huggingface_hub-2.5.0 wheels, made with
 #        `pip download --no-deps transformers==5.25.0 huggingface-hub==2.5.0 -d .carry/tf`) and they are put first on
 #        the path; without them the hybrid row reports the engine's clear error.
+# families: benchmarks/gpu/families_check.py, losslessness on CUDA (graphs, compile, sampling generator) for every
+#        target family of tests/test_target_families.py and the released pairs' shapes; its builders import pytest,
+#        which the image lacks: carry .carry/pt/ (`pip download pytest -d .carry/pt`, packaging removed).
+# A call that carries GGUF parts (.carry/p/gg_*) keeps them in /tmp/gg for the call that runs bench.
 PARTS="${PARTS:-scale bench}"
+if ls .carry/p/gg_* >/dev/null 2>&1; then
+  mkdir -p /tmp/gg && cp .carry/p/gg_* /tmp/gg/
+fi
 if [[ " $PARTS " == *" bench "* ]]; then
   . benchmarks/gpu/setup.sh
 else
@@ -19,7 +26,14 @@ if ls .carry/tf/transformers-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site_tf .carry/tf/*.whl
   export PYTHONPATH=/tmp/site_tf:$PYTHONPATH
 fi
+if ls .carry/pt/pytest-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site_pt .carry/pt/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site_pt
+fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [[ " $PARTS " == *" families "* ]]; then
+  timeout 300 python3 benchmarks/gpu/families_check.py --out $OUT 2>&1 | grep -v -i warn | tail -30
+fi
 if [[ " $PARTS " == *" scale "* ]]; then
   timeout 330 python3 benchmarks/scale.py --models qwen3-8b --batch-sizes 1,8 --prompt-len 512 --steps 64 \
     --doors qwen3-8b --hf-static qwen3-8b --out doors_scale_qwen3_8b --results-dir $OUT 2>&1 | grep -v -i warn | tail -30
