@@ -7,8 +7,9 @@ download) and measures, per model:
 - the bare verify forward of the target on a block of B=16 tokens, captured as a CUDA graph,
 - the bare drafter forward (block embedding + drafter layers + target head on B-1 rows + argmax), graphed,
 - a bare 1-token target forward, graphed (the AR step floor),
-- our loop's steady-state step (`DFlashDecoder(cuda_graphs=True)`): a fixed number of steps, stop tokens off; the
-  random drafter accepts ~nothing, so tau ~ 1 and steps ~ tokens,
+- our loop's steady-state step (`DFlashDecoder(cuda_graphs=True, verify_length="full")`, the whole block verified
+  each step, as the projection at the published tau assumes): a fixed number of steps, stop tokens off; the random
+  drafter accepts ~nothing, so tau ~ 1 and steps ~ tokens,
 - optionally (`--hf-static MODEL`) HF's own static-cache compiled `generate` per token,
 
 and the **projection** speedup = tau x t_AR_step / t_step at the published tau (DFLASH.md §12). A projection, not a
@@ -220,7 +221,7 @@ def loop_step(target, drafter, *, batch: int, prompt_len: int, steps: int, graph
     prompt = torch.randint(8, text.vocab_size, (batch, prompt_len), generator=gen).to(device)
     decoder, gen_kwargs = make_decoder(target, drafter, max_length=prompt_len + steps + 1, cuda_graphs=graphs,
                                        compile=compile if (compile or decoder_supports_compile()) else None,
-                                       max_batch_size=batch)
+                                       max_batch_size=batch, verify_length="full")
     t0 = time.perf_counter()
     decoder.generate(prompt, max_new_tokens=min(steps, 32), stop_token_ids=[], **gen_kwargs)  # captures graphs
     warmup_s = time.perf_counter() - t0
@@ -291,7 +292,8 @@ def generate_per_step(target, drafter, *, batch: int, prompt_len: int, steps: in
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(8, text.vocab_size, (batch, prompt_len), generator=gen).to(device)
     kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0,
-                  assistant_model=drafter, **({"speculation_type": "dflash"} if native else {}))
+                  assistant_model=drafter,
+                  **({"speculation_type": "dflash"} if native else {"dflash_verify_length": "full"}))
     short = 16
     t0 = time.perf_counter()
     target.generate(prompt, max_new_tokens=short + steps, **kwargs)  # the engine sizes itself, captures graphs

@@ -43,6 +43,7 @@ from .compat_dflash import (
 )
 from .generation_dflash import TargetFeatureCapture, check_drafter_fits_target, embed_block, target_text_config
 from .masks_dflash import drafter_block_masks, recurrent_layer_kinds, target_layer_masks, target_mask_windows
+from .verify_length_dflash import FixedVerifyLength, VerifyLengthPolicy, verify_length_policy
 
 
 class RowStaticCache:
@@ -166,6 +167,7 @@ class DFlashGenerateOutput:
     time_verify: float = 0.0
     time_total: float = 0.0
     steps: int = 0
+    verify_lengths: list[int] = field(default_factory=list)  # tokens per row each step verified (anchor included)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -305,6 +307,15 @@ class DFlashDecoder:
             first use per batch size.
         max_sampling_workspaces: how many sampling settings (temperature, top-k, top-p, min-p per batch size) keep
             their static caches and graphs at once; the oldest is dropped for a new one (greedy ones always stay).
+        verify_length: how many tokens per row a step verifies (the anchor and that many drafts minus one).
+            "auto" (the default, `verify_length_dflash.DEFAULT_VERIFY_LENGTH`) picks, before each step, the length among 1, 2, 4, ..., block_size with the most
+            expected committed tokens per second, from step costs measured per batch size on the first call and
+            the acceptance seen so far; 1 is a plain autoregressive step that skips the draft, so the loop is not
+            much slower than decoding without a drafter even where drafting does not pay (a CPU, a large batch).
+            "full" verifies the whole block (plain DFlash), an int fixes the length, a list gives the candidates,
+            and a `VerifyLengthPolicy` decides itself. Greedy output never depends on it, nor does the sampled
+            distribution; a seeded sampling call (`generator=`) verifies the longest candidate every step under an
+            adaptive policy, because which tokens a seed draws depends on how the steps are cut.
     """
 
     def __init__(
@@ -315,6 +326,7 @@ class DFlashDecoder:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         max_sampling_workspaces: int = 4,
+        verify_length: int | str | list[int] | VerifyLengthPolicy | None = None,
     ):
         if isinstance(max_sampling_workspaces, bool) or not isinstance(max_sampling_workspaces, int) \
                 or max_sampling_workspaces < 1:
@@ -336,6 +348,8 @@ class DFlashDecoder:
         self.device = next(target.parameters()).device
         # Without a drafter a step verifies the anchor alone: the target's next token, i.e. one AR step.
         self.block_size = drafter.config.block_size if drafter is not None else 1
+        self.verify_policy = verify_length_policy(verify_length, self.block_size,
+                                                  can_skip_draft=drafter is None or hasattr(drafter, "write_context"))
         self.max_length = max_length
         self.position_limit = limit
         if cuda_graphs and self.device.type != "cuda":
@@ -452,13 +466,18 @@ class DFlashDecoder:
         with self._one_call_at_a_time, private_rng:
             workspace = self._workspace(batch, sampling, len(stops), min_new_tokens > 0 and bool(stops))
             if generator is not None:
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
             if streamer is not None and stream_prompt:
                 streamer.put(input_ids.cpu())
             return workspace.run(
                 input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens, min_new_tokens, stops,
-                pad_token_id, stopping_criteria, streamer, progress, on_step,
+                pad_token_id, stopping_criteria, streamer, progress, on_step, seeded=generator is not None,
             )
+
+    def cost_tables(self) -> dict[int, dict[int, float]]:
+        """Measured seconds per step for each candidate verify length, per batch size (filled on the first call of
+        each batch size when `verify_length` adapts)."""
+        return {ws.batch: dict(ws.costs) for ws in self._workspaces.values() if ws.costs is not None}
 
     @property
     def compile_failures(self) -> list[str]:
@@ -623,7 +642,10 @@ class _Workspace:
         self.draft_probs: torch.Tensor | None = None
         self.arange_b = torch.arange(B, device=device)
         self.slot_ids = torch.arange(self.capacity + B, device=device)
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # ("draft" | "verify", verify length)
+        self.policy = decoder.verify_policy.for_workspace()
+        self.costs: dict[int, float] | None = None  # seconds per step by verify length, measured on first use
+        self.capture_failure: Exception | None = None  # set when CUDA graphs could not be captured: steps run eagerly
         steady_draft = functools.partial(self._draft, decoder.block_size)
         self.steady_verify = self._verify_and_accept
         if decoder.compile:
@@ -669,8 +691,9 @@ class _Workspace:
         return drafter_block_masks(self.d.drafter.config, query_pos, key_pos, ctx_valid | ~is_ctx, dtype)
 
     # ---------------------------------------------------------------------------------------------------- the steps
-    def _draft(self, n_ctx: int) -> None:
-        """One drafter forward over `n_ctx` pending context rows + the block; fills `self.drafts` (and q)."""
+    def _draft(self, n_ctx: int, n_draft: int) -> None:
+        """One drafter forward over `n_ctx` pending context rows + the block; fills the first `n_draft` columns of
+        `self.drafts` (and their probabilities q when sampling): a verify of `n_draft + 1` tokens reads no more."""
         d, B = self.d, self.d.block_size
         block_ids = torch.full((self.batch, B), d.drafter.config.mask_token_id, dtype=torch.long, device=d.device)
         block_ids[:, 0] = self.anchor
@@ -686,13 +709,13 @@ class _Workspace:
             attention_mask=self._draft_mask(n_ctx, noise.dtype),
             past_key_values=self.draft_cache,
         ).last_hidden_state
-        logits = d.drafter.compute_logits(hidden[:, 1:], d.lm_head).float()  # [b, B-1, V]
-        logits = self._without_early_stops(logits, self.generated[:, None] + self.arange_b[None, : B - 1])
+        logits = d.drafter.compute_logits(hidden[:, 1 : 1 + n_draft], d.lm_head).float()  # [b, n_draft, V]
+        logits = self._without_early_stops(logits, self.generated[:, None] + self.arange_b[None, :n_draft])
         if self.do_sample:
             self.draft_probs = self.sampling.probs(logits)
-            self.drafts.copy_(_sample(self.draft_probs))
+            self.drafts[:, :n_draft] = _sample(self.draft_probs)
         else:
-            self.drafts.copy_(logits.argmax(-1))
+            self.drafts[:, :n_draft] = logits.argmax(-1)
 
     def _without_early_stops(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """`logits` `[b, q, V]` for the tokens at new-token indices `token_index` `[b, q]`, with the stop tokens
@@ -704,36 +727,41 @@ class _Workspace:
         masked = torch.where(early, float("-inf"), logits.gather(-1, columns))
         return logits.scatter(-1, columns, masked)
 
-    def _verify_and_accept(self) -> None:
-        """Target forward on `[anchor, drafts]`, acceptance, commit, and the state update for the next step."""
-        block = torch.cat([self.anchor[:, None], self.drafts], dim=1)  # [b, B]
-        slots = (self.length - 1)[:, None] + self.arange_b[None]
+    def _verify_and_accept(self, length: int) -> None:
+        """Target forward on `[anchor, drafts[:length-1]]`, acceptance, commit, and the state update for the next
+        step. `length` 1 verifies the anchor alone: an autoregressive step, whose context row goes straight into the
+        draft cache (no draft needs it)."""
+        drafts = self.drafts[:, : length - 1]  # [b, L-1]
+        arange = self.arange_b[:length]
+        block = torch.cat([self.anchor[:, None], drafts], dim=1)  # [b, L]
+        slots = (self.length - 1)[:, None] + arange[None]
         self.target_cache.write_slots = slots
+        self.target_cache.keep_states = length
         positions = slots - self.pad[:, None]
-        logits, features = self.verify_forward(block, positions, slots)  # [b, B, V], [b, B, k*H]
-        logits = self._without_early_stops(logits, self.generated[:, None] + self.arange_b[None])
+        logits, features = self.verify_forward(block, positions, slots)  # [b, L, V], [b, L, k*H]
+        logits = self._without_early_stops(logits, self.generated[:, None] + arange[None])
 
         if self.do_sample:
-            p = self.sampling.probs(logits)  # [b, B, V]
-            # Without a drafter nothing was drafted (B = 1): q is empty, so the residual below is p at the bonus.
-            q = self.draft_probs if self.has_drafter else p[:, :0]  # [b, B-1, V]
-            p_draft = p[:, :-1].gather(-1, self.drafts[..., None])[..., 0]
-            q_draft = q.gather(-1, self.drafts[..., None])[..., 0]
+            p = self.sampling.probs(logits)  # [b, L, V]
+            # With nothing drafted (L = 1) q is empty, so the residual below is p at the bonus.
+            q = self.draft_probs[:, : length - 1] if length > 1 else p[:, :0]  # [b, L-1, V]
+            p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+            q_draft = q.gather(-1, drafts[..., None])[..., 0]
             accept = torch.rand_like(p_draft) * q_draft < p_draft
             residual = torch.cat([(p[:, :-1] - q).clamp_min(0), p[:, -1:]], dim=1)
             total = residual.sum(-1, keepdim=True)
             residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p)
-            choice = _sample(residual)  # [b, B]
+            choice = _sample(residual)  # [b, L]
         else:
-            choice = logits.argmax(-1)  # [b, B]
-            accept = self.drafts == choice[:, :-1]
+            choice = logits.argmax(-1)  # [b, L]
+            accept = drafts == choice[:, :-1]
         n_accept = accept.long().cumprod(dim=1).sum(dim=1)  # [b]
         bonus = choice.gather(1, n_accept[:, None])[:, 0]
         # Candidate new tokens: accepted drafts, then the bonus at index n_accept.
-        new = torch.where(self.arange_b[None] < n_accept[:, None], torch.cat([self.drafts, bonus[:, None]], 1), bonus[:, None])
+        new = torch.where(arange[None] < n_accept[:, None], torch.cat([drafts, bonus[:, None]], 1), bonus[:, None])
         count = torch.minimum(n_accept + 1, self.budget - self.generated)
         if self.n_stops:
-            is_stop = torch.isin(new, self.stops) & (self.arange_b[None] < count[:, None])
+            is_stop = torch.isin(new, self.stops) & (arange[None] < count[:, None])
             first_stop = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, count)
             count = torch.minimum(count, first_stop)
             hit_stop = is_stop.any(1)
@@ -745,17 +773,32 @@ class _Workspace:
             # drafts, i.e. after `count` tokens (the bonus is fed as the next anchor).
             self.target_cache.commit_states(count)
         # Commit into the output buffer (columns past `count` are scratch, overwritten or trimmed later).
-        cols = self.generated[:, None] + self.arange_b[None]
-        self.out.scatter_(1, cols, torch.where(self.arange_b[None] < count[:, None], new, self.out.gather(1, cols)))
+        cols = self.generated[:, None] + arange[None]
+        self.out.scatter_(1, cols, torch.where(arange[None] < count[:, None], new, self.out.gather(1, cols)))
         self.committed.copy_(count)
+        if self.has_drafter and length == 1:
+            # No draft will read the rows the last verify left pending, nor this one: hand both to the drafter now.
+            # Pending rows past the committed ones go to a scratch slot (the block's, which every draft rewrites).
+            pending = self.arange_b[None] < (self.length - 1 - self.ctx_base)[:, None]  # [b, B]
+            ctx_slots = torch.where(pending, self.ctx_base[:, None] + self.arange_b[None], self.capacity)
+            self._write_context(torch.cat([self.ctx_features, features], 1), torch.cat([ctx_slots, slots], 1))
         self.ctx_base.copy_(self.length - 1)
         self.length.add_(count)
         self.generated.add_(count)
+        if self.has_drafter and length == 1:
+            self.ctx_base.copy_(self.length - 1)  # the drafter has every committed row already
         new_anchor = new.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0]
         self.anchor.copy_(torch.where(count > 0, new_anchor, self.anchor))
         self.done.copy_(self.done | hit_stop | (self.generated >= self.budget))
-        if self.has_drafter:
-            self.ctx_features.copy_(features)
+        if self.has_drafter and length > 1:
+            # The next draft reads B rows from ctx_base; rows past the committed ones are masked until overwritten.
+            self.ctx_features[:, :length].copy_(features)
+
+    def _write_context(self, features: torch.Tensor, slots: torch.Tensor) -> None:
+        """Context rows `features` `[b, n, k*H]` at `slots` `[b, n]` into the draft cache without drafting. A slot
+        that is not committed yet (a finished row's) is masked until a later step overwrites it."""
+        self.draft_cache.write_slots = slots
+        self.d.drafter.write_context(features, (slots - self.pad[:, None]).clamp_min(0), self.draft_cache)
 
     def _verify_forward(self, block, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """The verify's target forward on `block` `[b, B]`: fp32 logits `[b, B, V]` and the captured context features
@@ -803,8 +846,13 @@ class _Workspace:
         self.out.zero_()
 
     def run(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, stops, pad_token_id, stopping_criteria,
-            streamer, progress, on_step=None):
+            streamer, progress, on_step=None, seeded: bool = False):
         d, B = self.d, self.d.block_size
+        policy = self.policy
+        if seeded and self.do_sample and policy.needs_costs:
+            # Which tokens a seed draws depends on how the steps are cut, and an adaptive cut depends on timings: a
+            # seeded sampling call verifies the longest candidate every step, so the same seed gives the same tokens.
+            policy = FixedVerifyLength(policy.lengths[-1])
         sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
         # The host sees each step's new tokens only when someone needs them (they ride along with the step's sync).
         host = _HostCommits(self, input_ids, stopping_criteria, streamer, on_step)
@@ -842,35 +890,48 @@ class _Workspace:
             t1 = time.perf_counter()
 
             acceptance = [[] for _ in range(self.batch)]
-            draft_time = verify_time = 0.0
+            lengths: list[int] = []
+            draft_time = verify_time = calibration_time = 0.0
             steps = 0
-            first_draft = True
+            first_step = True
             bar = None
             if progress:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=max_new_tokens * self.batch, desc="dflash", unit="tok", initial=self.batch)
             while not done_host:
-                if first_draft and self.has_drafter:
-                    # Variable-length context: eager, outside any graph.
-                    saved = self.ctx_features
-                    self.ctx_features = prompt_features
+                if not first_step and self.costs is None and policy.needs_costs:
                     ta = time.perf_counter()
-                    self._draft(prompt_len)
-                    self.ctx_features = saved
+                    self.costs = self._calibrate()
+                    policy.set_costs(self.costs)
+                    calibration_time = time.perf_counter() - ta
+                length = policy.choose()
+                if first_step and self.has_drafter:
+                    # The prompt's context rows (variable length): eager, outside any graph.
+                    ta = time.perf_counter()
+                    if length > 1:
+                        saved = self.ctx_features
+                        self.ctx_features = prompt_features
+                        self._draft(prompt_len, length - 1)
+                        self.ctx_features = saved
+                    else:
+                        self._write_context(prompt_features, slots)
+                        self.ctx_base.copy_(self.length - 1)  # nothing left pending for the verify to hand over
                     sync()
                     draft_time += time.perf_counter() - ta
                     ta = time.perf_counter()
-                    self._verify_and_accept()
+                    self._verify_and_accept(length)
                     sync()
                     verify_time += time.perf_counter() - ta
-                    first_draft = False
                 else:
-                    dt, vt = self._replay_step()
+                    dt, vt = self._replay_step(length)
                     draft_time += dt
                     verify_time += vt
+                first_step = False
                 steps += 1
+                lengths.append(length)
                 committed, done_host = host.receive()
+                policy.observe(length, committed)
                 for r in range(self.batch):
                     if committed[r] > 0:
                         acceptance[r].append(committed[r])
@@ -898,51 +959,96 @@ class _Workspace:
             time_verify=verify_time,
             time_total=t2 - t0,
             steps=steps,
+            verify_lengths=lengths,
+            extra={"calibration_s": calibration_time} if calibration_time else {},
         )
 
     # ------------------------------------------------------------------------------------------------- CUDA graphs
-    def _replay_step(self) -> tuple[float, float]:
-        """One steady-state step (B context rows): eager on CPU, captured graphs on CUDA. Returns (draft, verify) s."""
-        if not self.d.cuda_graphs:
+    def _replay_step(self, length: int) -> tuple[float, float]:
+        """One steady-state step (B context rows) that verifies `length` tokens per row: eager on CPU, captured graphs
+        on CUDA (one pair per length). Returns (draft, verify) seconds."""
+        drafts = self.has_drafter and length > 1
+        if self.d.cuda_graphs and self.capture_failure is None and ("verify", length) not in self.graphs:
+            try:
+                self._capture_graphs(length)
+            except RuntimeError as error:  # e.g. a target whose forward copies from the host (some MoE routings)
+                self.capture_failure = error
+                self.graphs.clear()
+                torch.cuda.synchronize(self.d.device)
+                warnings.warn(
+                    f"DFlashDecoder: capturing CUDA graphs failed for this target at batch {self.batch} "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); its steps run without CUDA graphs "
+                    "from now on (same output, slower). Pass cuda_graphs=False to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if not self.d.cuda_graphs or self.capture_failure is not None:
             ta = time.perf_counter()
-            if self.has_drafter:
-                self.steady_draft()
+            if drafts:
+                self.steady_draft(length - 1)
             tb = time.perf_counter()
-            self.steady_verify()
+            self.steady_verify(length)
             return tb - ta, time.perf_counter() - tb
-        if not self.graphs:
-            self._capture_graphs()
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
-        if self.has_drafter:
-            self.graphs["draft"].replay()
+        if drafts:
+            self.graphs["draft", length].replay()
         mid.record()
-        self.graphs["verify"].replay()
+        self.graphs["verify", length].replay()
         end.record()
         end.synchronize()
         return start.elapsed_time(mid) / 1e3, mid.elapsed_time(end) / 1e3
 
-    def _capture_graphs(self) -> None:
-        """Capture draft and verify on the live state. Warm-up runs on a snapshot that is restored afterwards, so the
-        capture does not advance the generation."""
+    def _capture_graphs(self, length: int) -> None:
+        """Capture the draft and verify of one verify length on the live state. Warm-up runs on a snapshot that is
+        restored afterwards, so the capture does not advance the generation. The pair is captured together: the
+        verify reads the draft's probabilities where the draft graph wrote them."""
         state = self._step_state()
         snapshot = [t.clone() for t in state]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # the first calls compile, when compiling
-                if self.has_drafter:
-                    self.steady_draft()
-                self.steady_verify()
-        torch.cuda.current_stream().wait_stream(stream)
-        steps = [("draft", self.steady_draft)] if self.has_drafter else []
-        for name, fn in steps + [("verify", self.steady_verify)]:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            self.graphs[name] = graph
-        for t, s in zip(state, snapshot):
-            t.copy_(s)
+        steps = [("draft", functools.partial(self.steady_draft, length - 1))] if self.has_drafter and length > 1 else []
+        steps.append(("verify", functools.partial(self.steady_verify, length)))
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # the first calls compile, when compiling
+                    for _, fn in steps:
+                        fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            for name, fn in steps:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                self.graphs[name, length] = graph
+        finally:
+            for t, s in zip(state, snapshot):
+                t.copy_(s)
+
+    def _calibrate(self, repeats: int = 3) -> dict[int, float]:
+        """Seconds per step for each candidate verify length at this batch size (best of `repeats`, after a first run
+        that captures and compiles), measured on the live state, which is restored after every run, random state
+        included (a seeded call draws the same tokens whether or not it calibrated)."""
+        sync = torch.cuda.synchronize if self.d.device.type == "cuda" else (lambda: None)
+        state = self._step_state()
+        snapshot = [t.clone() for t in state]
+        costs = {}
+        rng = torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else [])
+        with rng:
+            for length in self.policy.lengths:
+                costs[length] = self._time_step(length, repeats, state, snapshot, sync)
+        return costs
+
+    def _time_step(self, length: int, repeats: int, state, snapshot, sync) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            self._replay_step(length)
+            sync()
+            times.append(time.perf_counter() - t0)
+            for t, s in zip(state, snapshot):
+                t.copy_(s)
+        return min(times[1:])
 
     def _step_state(self) -> list[torch.Tensor]:
         """Every tensor a steady step writes (per-row state, outputs, caches), which the capture's warm-up restores."""
@@ -963,6 +1069,7 @@ def generate(
     max_new_tokens: int = 256,
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
+    verify_length: int | str | list[int] | VerifyLengthPolicy | None = None,
     **generate_kwargs,
 ) -> DFlashGenerateOutput:
     """Batched DFlash generation (see `DFlashDecoder`); builds a decoder sized for this call.
@@ -975,7 +1082,7 @@ def generate(
     """
     decoder = DFlashDecoder(
         target, drafter, max_length=input_ids.shape[-1] + max(max_new_tokens, 1), cuda_graphs=cuda_graphs,
-        compile=compile,
+        compile=compile, verify_length=verify_length,
     )
     return decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
 

@@ -21,7 +21,9 @@ names the reason, once per reason. A batch that needs it raises a ValueError nam
 
 Engine options are per call: `dflash_compile=True` compiles the draft step and the verify forward with
 `torch.compile` (once per batch size; tens of seconds on the first call), `dflash_cuda_graphs=False` turns CUDA graphs
-off. By default the engine captures CUDA graphs on CUDA and does not compile.
+off, `dflash_verify_length` sets how many tokens a step verifies (`DFlashDecoder`'s `verify_length`: "auto", "full", an
+int, or a list of candidates). By default the engine captures CUDA graphs on CUDA, does not compile, and adapts the verify
+length.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class EngineOptions:
 
     compile: bool = False
     cuda_graphs: bool | None = None
+    verify_length: int | str | tuple[int, ...] | None = None  # None: verify_length_dflash.DEFAULT_VERIFY_LENGTH
 
 
 @dataclass
@@ -142,7 +145,7 @@ class _Plan:
 def route_generate_call(model: nn.Module, kwargs: dict) -> Callable | None:
     """The decoding function for a DFlash call of `model.generate(**kwargs)`, or None when the call is not ours.
 
-    Pops the engine options (`dflash_compile`, `dflash_cuda_graphs`) and moves stop strings into the stopping criteria:
+    Pops the engine options (`dflash_compile`, `dflash_cuda_graphs`, `dflash_verify_length`) and moves stop strings into the stopping criteria:
     generate builds `StopStringCriteria` only for its own decoding methods, from a tokenizer a custom decoder never sees.
     """
     drafter = kwargs.get("assistant_model")
@@ -150,8 +153,10 @@ def route_generate_call(model: nn.Module, kwargs: dict) -> Callable | None:
         return None
     if _requested_speculation_type(model, kwargs) == "dflash":
         return None
+    verify_length = kwargs.pop("dflash_verify_length", None)
     options = EngineOptions(compile=bool(kwargs.pop("dflash_compile", False)),
-                            cuda_graphs=kwargs.pop("dflash_cuda_graphs", None))
+                            cuda_graphs=kwargs.pop("dflash_cuda_graphs", None),
+                            verify_length=tuple(verify_length) if isinstance(verify_length, list) else verify_length)
     _move_stop_strings_into_criteria(model, kwargs)
     streamer = kwargs.get("streamer")
 
@@ -368,7 +373,7 @@ def engine_for(target, drafter, options: EngineOptions, needed_length: int) -> D
         capacity = min(capacity, max(limit, needed_length))
     slot.key, slot.engine = None, None  # free the old caches before allocating new ones
     engine = DFlashDecoder(target, drafter, max_length=capacity, cuda_graphs=options.cuda_graphs,
-                           compile=options.compile)
+                           compile=options.compile, verify_length=options.verify_length)
     slot.key, slot.engine = key, engine
     return engine
 

@@ -72,13 +72,10 @@ class DFlashDraftCache:
         self.offset += drop_front
 
 
-def apply_rotary_to_block(q, k, cos, sin):
-    """RoPE with `cos/sin` covering all keys `[ctx ; block]`; queries take the last `q_len` rows."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    q_len = q.shape[-2]
-    q_cos, q_sin = cos[..., -q_len:, :], sin[..., -q_len:, :]
-    return q * q_cos + rotate_half(q) * q_sin, k * cos + rotate_half(k) * sin
+def apply_rotary(x, cos, sin):
+    """RoPE on `x` `[batch, heads, n, head_dim]` at the positions of `cos`/`sin` `[batch, n, head_dim]`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
 
 
 def build_block_attention_mask(
@@ -130,6 +127,15 @@ class DFlashAttention(nn.Module):
         self.sliding_window = config.layer_window(layer_idx)
         self.layer_type = config.layer_type(layer_idx)
 
+    def keys_values(self, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values `[batch, kv_heads, n, head_dim]` of `rows` `[batch, n, hidden]` (context rows and
+        block rows alike) at the positions of `cos`/`sin` `[batch, n, head_dim]`."""
+        batch, n, _ = rows.shape
+        k = self.k_norm(self.k_proj(rows).view(batch, n, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(rows).view(batch, n, -1, self.head_dim).transpose(1, 2)
+        return apply_rotary(k, cos, sin), v
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -141,12 +147,10 @@ class DFlashAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden_states `[batch, block, hidden]`, context `[batch, n_ctx, hidden]` -> `[batch, block, hidden]`."""
         batch, q_len, _ = hidden_states.shape
-        kv_input = torch.cat([context, hidden_states], dim=1)  # [batch, n_ctx + block, hidden]
+        cos, sin = position_embeddings  # [batch, n_ctx + block, head_dim]: keys cover [context ; block]
         q = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(kv_input).view(batch, kv_input.shape[1], -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(kv_input).view(batch, kv_input.shape[1], -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_to_block(q, k, cos, sin)
+        q = apply_rotary(q, cos[:, -q_len:], sin[:, -q_len:])
+        k, v = self.keys_values(torch.cat([context, hidden_states], dim=1), cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
@@ -358,6 +362,16 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         if reference_call:
             return hidden_states
         return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+
+    def write_context(self, context_hidden_states: torch.Tensor, position_ids: torch.LongTensor, cache) -> None:
+        """Take context rows into `cache` without drafting: every layer gets the keys/values a `forward` would write
+        for them. `context_hidden_states` `[batch, n_ctx, len(ids) * hidden]` (target features), `position_ids`
+        `[batch, n_ctx]`. A decode step that verifies no draft uses it to keep the drafter's context complete."""
+        context = self.project_context(context_hidden_states.to(self.fc.weight.dtype))
+        cos, sin = self.rotary_emb(context, position_ids)
+        for layer in self.layers:
+            key, value = layer.self_attn.keys_values(context, cos, sin)
+            cache.update(key, value, layer.self_attn.layer_idx)
 
     def compute_logits(self, hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """Target head on draft rows, with `output_multiplier` and `final_logit_softcapping` where configured."""

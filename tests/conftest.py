@@ -31,6 +31,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _verify_length(request, monkeypatch):
+    """Suites written about plain DFlash (oracle drafters that accept whole blocks, per-step statistics, compile
+    counts) verify the whole block each step; tests of the adaptive verify length, marked `adaptive`, keep the
+    library's default ("auto"). An oracle's drafts cost a target rollout, so "auto" would rightly stop drafting."""
+    if request.node.get_closest_marker("adaptive") is None:
+        from dflash_hf.modeling import verify_length_dflash
+
+        monkeypatch.setattr(verify_length_dflash, "DEFAULT_VERIFY_LENGTH", "full")
+    yield
+
+
 # The three target families of the lossless suites; a module that defines its own `target` fixture overrides these.
 FAMILIES = ["qwen3", "llama", "gemma3"]
 

@@ -5,8 +5,9 @@ draft and verify steps as CUDA graphs (and optionally compile them), and hybrid 
 per-token recurrent states inside those graphs. This script runs the same tiny random models on the GPU in fp32 and
 checks, per family:
 
-- greedy, left-padded batch of 2 past the window: the engine with CUDA graphs (and, for the released pairs' shapes
-  and Llama, with graphs + torch.compile) equals transformers' own greedy `generate` for each row alone;
+- greedy, left-padded batch of 2 past the window: the engine with CUDA graphs and the adaptive verify length (and,
+  for the released pairs' shapes and Llama, with graphs + torch.compile), and with fixed verify lengths 1, 2 and
+  B-1 (a pair of graphs each), equals transformers' own greedy `generate` for each row alone;
 - plain `target.generate(..., assistant_model=drafter)` (the engine behind it) equals the same;
 - an oracle drafter (whole blocks accepted, and acceptance cut every third row) with graphs off equals the same: the
   accept paths on the GPU's kernels (hybrid targets: the selection of the accepted prefix's states);
@@ -85,11 +86,25 @@ def check_case(name: str, target, drafter, layer_ids: list[int], block: int, dev
 
     on_cuda = device.type == "cuda"
     for compile_ in ((False, True) if on_cuda and name.startswith(COMPILED_CASES) else (False,)):
-        label = "engine graphs+compile" if compile_ else "engine graphs"
+        label = "engine graphs+compile, auto length" if compile_ else "engine graphs, auto length"
         try:
             decoder = dflash_hf.DFlashDecoder(target, drafter, max_length=128, cuda_graphs=on_cuda, compile=compile_)
             out = decoder.generate(ids, mask, max_new_tokens=new, stop_token_ids=[])
-            put(label, out.new_tokens, {"tau": round(out.mean_acceptance_length, 3)})
+            put(label, out.new_tokens, {"tau": round(out.mean_acceptance_length, 3),
+                                        "lengths": sorted(set(out.verify_lengths))})
+        except Exception as error:
+            record["checks"][label] = {"error": f"{type(error).__name__}: {error}"}
+    if on_cuda:  # every verify length is its own pair of graphs
+        label = "engine graphs, fixed lengths 1, 2, B-1"
+        try:
+            got, exact = {}, True
+            for length in (1, 2, block - 1):
+                out = dflash_hf.DFlashDecoder(target, drafter, max_length=128, cuda_graphs=True, compile=False,
+                                              verify_length=length).generate(ids, mask, max_new_tokens=new,
+                                                                             stop_token_ids=[])
+                got[length] = first_divergence(out.new_tokens, expected)
+                exact = exact and all(m is None for m in got[length])
+            record["checks"][label] = {"exact": exact, "first_divergence": got}
         except Exception as error:
             record["checks"][label] = {"error": f"{type(error).__name__}: {error}"}
     try:
@@ -106,8 +121,8 @@ def check_case(name: str, target, drafter, layer_ids: list[int], block: int, dev
                 target.to(device)
                 oracle.to(device)
                 oracle.__dict__["_reference"].to(device)
-                out = dflash_hf.DFlashDecoder(target, oracle, max_length=128, cuda_graphs=False,
-                                              compile=False).generate(ids, mask, max_new_tokens=new, stop_token_ids=[])
+                out = dflash_hf.DFlashDecoder(target, oracle, max_length=128, cuda_graphs=False, compile=False,
+                                              verify_length="full").generate(ids, mask, max_new_tokens=new, stop_token_ids=[])
                 put(label, out.new_tokens, {"tau": round(out.mean_acceptance_length, 3)})
         except Exception as error:
             target.to(device)
@@ -168,6 +183,8 @@ def render(records: list[dict], environment: str, command: str) -> str:
                 cell = "exact" if v["exact"] else f"diverges at {v['first_divergence']}"
                 if "tau" in v:
                     cell += f" (tau {v['tau']})"
+                if "lengths" in v:
+                    cell += f", lengths used {v['lengths']}"
                 cells.append(cell)
         if "error" in r:
             cells = [f"error: {r['error'][:160]}"] + [""] * (len(checks) - 1)

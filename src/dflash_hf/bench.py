@@ -10,6 +10,8 @@ One process, one model load, the same prompts and the same number of new tokens 
 - `dflash_loop_compiled` our batched loop `DFlashDecoder(cuda_graphs=True, compile=True)` (its CUDA default),
 - `dflash_loop_graphs`  the same loop with CUDA graphs and no compile (CUDA only),
 - `dflash_loop_eager`   the same loop with neither,
+- `dflash_loop_full`    the loop with its device defaults, verifying the whole block every step (`verify_length="full"`,
+                        plain DFlash); every other loop method adapts the verify length (`"auto"`, the default),
 - `ar_loop`             the loop without a drafter (`DFlashDecoder(target, None)`, graphs + compile on CUDA): one token
                         a step through the same machinery, so `dflash_loop_compiled` / `ar_loop` is the drafter's share,
 - `assisted_truncated`  classic assisted generation; the assistant is the target truncated to its first N layers
@@ -82,6 +84,7 @@ METHODS: dict[str, MethodSpec] = {
                    batched=True, speculative=False),
         MethodSpec("bare", "bare graphed forwards (cost floor)", batched=True, speculative=False),
         MethodSpec("dflash_loop_eager", "DFlashDecoder, eager (no graphs, no compile)", batched=True),
+        MethodSpec("dflash_loop_full", "DFlashDecoder, whole block every step, graphs on CUDA, no compile", batched=True),
         MethodSpec("dflash_generate", "target.generate(assistant_model=drafter): the engine, CUDA graphs (default)",
                    batched=True),
         MethodSpec("dflash_generate_compiled", "target.generate(assistant_model=drafter, dflash_compile=True)",
@@ -95,17 +98,19 @@ METHOD_ORDER = list(METHODS)
 
 
 class LoopMode(NamedTuple):
-    """DFlashDecoder settings of a loop method; None = the decoder's default for the device (graphs and compile on
-    CUDA, neither on CPU)."""
+    """DFlashDecoder settings of a loop method; None = the decoder's default (for the device: graphs and compile on
+    CUDA, neither on CPU; for the verify length: "auto")."""
 
     cuda_graphs: bool | None
     compile: bool | None
     with_drafter: bool
+    verify_length: str | None = None
 
 
 LOOP_MODES: dict[str, LoopMode] = {
     "dflash_loop_eager": LoopMode(False, False, True), "dflash_loop_graphs": LoopMode(True, False, True),
     "dflash_loop_compiled": LoopMode(True, True, True), "ar_loop": LoopMode(None, None, False),
+    "dflash_loop_full": LoopMode(None, False, True, "full"),
 }
 # The methods without a drafter: every other method's tokens/s is also given as a ratio to each of them.
 AR_METHODS = ("ar_eager", "ar_static", "ar_loop")
@@ -587,7 +592,7 @@ def decoder_supports_compile() -> bool:
 
 
 def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: int, cuda_graphs: bool | None,
-                 compile: bool | None = None, max_batch_size: int = 1):
+                 compile: bool | None = None, max_batch_size: int = 1, verify_length: str | None = None):
     """`(DFlashDecoder, extra generate kwargs)`, passing only the constructor arguments this version accepts.
     `compile=None` leaves the decoder's default."""
     from dflash_hf import DFlashDecoder
@@ -607,6 +612,8 @@ def make_decoder(target: nn.Module, drafter: nn.Module | None, *, max_length: in
         kwargs["compile"] = compile
     elif compile and "compile" not in params:
         raise ValueError("This DFlashDecoder has no compile option.")
+    if verify_length is not None:
+        kwargs["verify_length"] = verify_length
     return DFlashDecoder(target, drafter, **kwargs), generate_kwargs
 
 
@@ -764,6 +771,7 @@ class RunOutput:
     target_forwards: int | None = None
     draft_forwards: int | None = None
     acceptance: list[int] | None = None
+    verify_lengths: list[int] | None = None  # loop methods: tokens per row each step verified
 
 
 @dataclass
@@ -806,7 +814,7 @@ class Context:
                 self.target, self.drafter if mode.with_drafter else None,
                 max_length=self.max_width + self.max_new_tokens, cuda_graphs=mode.cuda_graphs,
                 compile=mode.compile if decoder_supports_compile() else None,
-                max_batch_size=max(self.opts.batch_sizes),
+                max_batch_size=max(self.opts.batch_sizes), verify_length=mode.verify_length,
             )
             self.step_timers[mode] = StepIntervalTimer()
         return self.decoders[mode]
@@ -896,8 +904,9 @@ def _loop_runner(ctx: Context, mode: LoopMode) -> Callable[[Item, int], RunOutpu
         flat = [a for row in out.acceptance_lengths for a in row]
         return RunOutput(tokens=ctx.trim([list(r) for r in out.new_tokens]), steps=out.steps, committed=sum(flat),
                          draft_s=out.time_draft, verify_s=out.time_verify, prefill_s=out.time_prefill,
-                         target_forwards=out.steps + 1, draft_forwards=out.steps if mode.with_drafter else 0,
-                         acceptance=flat)
+                         target_forwards=out.steps + 1,
+                         draft_forwards=sum(n > 1 for n in out.verify_lengths) if mode.with_drafter else 0,
+                         acceptance=flat, verify_lengths=list(out.verify_lengths))
 
     return run
 
@@ -1084,6 +1093,9 @@ def _summarise(ctx: Context, spec: MethodSpec, batch: int, items: list[Item], ra
     if accept:
         row["tau"] = sum(accept) / len(accept)
         row["acceptance_histogram"] = {str(k): accept.count(k) for k in sorted(set(accept))}
+    lengths = [n for o in outputs if o.verify_lengths for n in o.verify_lengths]
+    if lengths:
+        row["verify_length_histogram"] = {str(k): lengths.count(k) for k in sorted(set(lengths))}
     # Weight bytes read per second.
     t_fwd = [o.target_forwards for o in outputs]
     if all(t is not None for t in t_fwd):
@@ -1349,7 +1361,7 @@ def _make_runner(ctx: Context, spec: MethodSpec, assistant_layers: int, weights:
     if key == "ar_static":
         # Full length on the longest prompt: on CUDA this call compiles the decode step for the final cache shape.
         return _static_runner(ctx), full
-    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop"):
+    if key in ("dflash_loop_graphs", "dflash_loop_compiled", "ar_loop", "dflash_loop_full"):
         # Full length so graphs are captured (and steps compiled) in the warm-up, not in a timed run.
         return _loop_runner(ctx, LOOP_MODES[key]), full
     if key == "dflash_loop_eager":

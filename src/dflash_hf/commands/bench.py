@@ -26,8 +26,8 @@ example (CPU):  dflash-hf bench --target smollm2 --drafter bundled --device cpu 
 # dflash_hf.bench.METHOD_ORDER, written out so that building the parser does not import torch (a test keeps the two
 # equal).
 METHOD_NAMES = ("ar_eager", "ar_static", "dflash_loop_compiled", "dflash_loop_graphs", "ar_loop", "bare",
-                "dflash_loop_eager", "dflash_generate", "dflash_generate_compiled", "hf_dflash", "assisted_truncated",
-                "prompt_lookup")
+                "dflash_loop_eager", "dflash_loop_full", "dflash_generate", "dflash_generate_compiled", "hf_dflash",
+                "assisted_truncated", "prompt_lookup")
 
 
 def _run(args: argparse.Namespace) -> int:
