@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -264,6 +265,9 @@ def test_model_card_metadata(exported):
     for usage in ("assistant_model=drafter", "pipeline(", 'speculation_type="dflash"', "custom_generate=",
                   "vllm serve", "sglang.launch_server", "trust_remote_code=True"):
         assert usage in card, usage
+    data = ModelCard(card).data.to_dict()
+    assert {"dflash", "speculative-decoding", "custom_generate"} <= set(data["tags"])
+    assert "# Qwen3-0.6B-DFlash\n" in card and "Not measured" in card  # no --metrics, no training results
 
 
 def test_exported_drafter_loads_without_dflash_hf_and_is_lossless(exported, isolated_report):
@@ -347,8 +351,14 @@ def test_cli_export_with_metrics_and_target_check(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "model.safetensors" in result.stdout
     card = (out / "README.md").read_text()
-    assert "| dataset | tau | speedup |" in card and "| humaneval | 3.25 | 2.5 |" in card
-    assert "**hardware**: test rig" in card
+    # A hand-written summary: tau per dataset and the speedups, in the text and in the model-index.
+    assert "# Qwen3-0.6B-DFlash\n" in card and "Tiny-DFlash" not in card  # title: the model, not the folder
+    assert "| humaneval | 3.25 |" in card and "| gsm8k | 4.50 |" in card
+    assert "| – | humaneval | 2.50x |" in card and "Hardware and software: test rig" in card
+    results = ModelCard(card).data.eval_results
+    assert {(r.dataset_config, r.metric_type, r.metric_value) for r in results} == {
+        ("humaneval", "mean_acceptance_length", 3.25), ("gsm8k", "mean_acceptance_length", 4.5),
+        ("all", "speedup", 2.5), ("all", "speedup", 3.0)}
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("fc.weight").dtype == torch.float32  # --dtype keep
 

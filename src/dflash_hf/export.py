@@ -10,7 +10,8 @@ An exported folder is a complete model repository that needs **no dflash-hf inst
     custom_generate/         generate.py (`target.generate(custom_generate=REPO, ...)`: plain generate on the engine) and
                              copies of the same remote-code files, because custom_generate code may only import
                              single-dot modules inside custom_generate/
-    README.md                model card with Hub metadata and usage for transformers, vLLM and SGLang
+    README.md                model card (dflash_hf.model_card): Hub metadata with measured results as a model-index,
+                             usage for transformers, vLLM and SGLang
 
 Nothing in an export is hand-maintained: every `.py` file is copied from the package at export time.
 """
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dflash_hf.model_card import model_card, summarize_metrics
 
 AUTO_MAP = {"AutoConfig": "configuration_dflash.DFlashConfig", "AutoModel": "modeling_dflash.DFlashDraftModel"}
 MODEL_TYPE = "dflash_draft"
@@ -241,169 +244,20 @@ def drafter_state_dict(drafter, dtype: torch.dtype | None) -> dict[str, torch.Te
 
 
 def load_metrics(path: str | os.PathLike | None) -> dict | list | None:
+    """The `--metrics` JSON (a `dflash-hf bench` results file, a training metrics.json or a short summary; see
+    `dflash_hf.model_card`), checked to hold measured results."""
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--metrics {path}: no such file; pass a JSON file with measured tau/speedup.")
+        raise FileNotFoundError(f"--metrics {path}: no such file; pass the JSON of `dflash-hf bench` (benchmarks/results/"
+                                "NAME.json) or a training metrics.json.")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"--metrics {path} is not valid JSON: {error}") from None
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.1f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
-    return str(value).replace("|", "\\|")
-
-
-def metrics_markdown(metrics: dict | list) -> str:
-    """Render measured results: a list of rows (or `{"results": [...]}`) as a table with the union of their keys;
-    a flat dict as a metric/value table. String fields such as `setup`, `hardware`, `notes` become text."""
-    text_lines, rows = [], None
-    if isinstance(metrics, dict):
-        metrics = dict(metrics)
-        for key in ("results", "rows", "benchmarks"):
-            if isinstance(metrics.get(key), list):
-                rows = metrics.pop(key)
-                break
-        for key, value in list(metrics.items()):
-            if isinstance(value, (str, dict)):
-                shown = value if isinstance(value, str) else ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-                text_lines.append(f"- **{key}**: {shown}")
-                metrics.pop(key)
-        if rows is None:
-            rows = [{"metric": k, "value": v} for k, v in metrics.items()]
-    elif isinstance(metrics, list):
-        rows = metrics
-    else:
-        raise ValueError("--metrics JSON must be an object or a list of objects.")
-    columns: list[str] = []
-    for row in rows:
-        if not isinstance(row, dict):
-            raise ValueError(f"--metrics rows must be JSON objects, got {row!r}.")
-        columns += [k for k in row if k not in columns]
-    table = []
-    if columns:
-        table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        table += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(text_lines + ([""] if text_lines and table else []) + table)
-
-
-def model_card(*, name: str, repo_id: str | None, config: dict, base_model: str | None, n_params: int,
-               metrics=None, license: str = "apache-2.0", source: str | None = None, trained: bool = True) -> str:
-    """README.md with Hub metadata and usage for transformers (4 routes), vLLM and SGLang."""
-    repo = repo_id or f"<namespace>/{name}"
-    target = base_model or "<target model id>"
-    ids = config.get("target_layer_ids") or (config.get("dflash_config") or {}).get("target_layer_ids")
-    mask = config.get("mask_token_id", (config.get("dflash_config") or {}).get("mask_token_id"))
-    block = config.get("block_size", 16)
-    meta = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: text-generation"]
-    if base_model:
-        meta.append(f"base_model: {base_model}")
-    meta += ["tags:", "- dflash", "- speculative-decoding", "- block-diffusion", "- custom_code", "---", ""]
-    warn = ""
-    if not trained:
-        warn = ("\n> **Untrained weights.** This export holds randomly initialised weights, useful only to test the "
-                "plumbing: expect an acceptance length near 1 and no speedup.\n")
-    provenance = f"\nConverted from `{source}` without changing a tensor.\n" if source else ""
-    route4 = "# 4. custom_generate: the same engine as route 1, as a transformers custom_generate repository.\n"
-    if metrics is not None:
-        results = "## Measured results\n\n" + metrics_markdown(metrics) + "\n"
-    else:
-        results = ("## Measured results\n\nNot measured for this export yet. Acceptance length (tau) and speedup "
-                   "depend on the task, the chat template and the hardware; measure on your own prompts before relying "
-                   "on a number.\n")
-    body = f"""# {name}
-
-A [DFlash](https://arxiv.org/abs/2602.06036) block-diffusion **drafter** for speculative decoding with
-[`{target}`](https://huggingface.co/{target}). DFlash drafts a whole block of {block - 1} tokens in one forward pass
-of a small model that reads the target's hidden states; the target verifies the block in one forward pass and keeps
-the longest agreeing prefix, so the output is exactly what the target alone would produce (greedy) or follows the
-target's distribution (sampling).
-{warn}{provenance}
-| | |
-|---|---|
-| draft layers | {config.get("num_hidden_layers")} |
-| hidden size | {config.get("hidden_size")} |
-| block size | {block} |
-| target layers read (`target_layer_ids`) | {ids} |
-| mask token id | {mask} |
-| parameters | {n_params / 1e6:.1f} M (no embedding or LM head: the target's are used) |
-
-The weights follow z-lab's released layout (`fc`, `hidden_norm`, `layers.N.*`, `norm`). The code in this repository
-(`configuration_dflash.py`, `modeling_dflash.py`, ...) was exported by dflash-hf and needs only
-`transformers>=4.57.1` and `torch`: loading with `trust_remote_code=True` is all it takes.
-
-## Usage with transformers
-
-```python
-import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
-
-target = AutoModelForCausalLM.from_pretrained("{target}", dtype=torch.bfloat16, device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("{target}")
-drafter = AutoModel.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16).to(target.device)
-
-messages = [{{"role": "user", "content": "Write a Python function that checks whether a number is prime."}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                       return_dict=True).to(target.device)
-
-# 1. Plain generate: loading the drafter routes generate(assistant_model=drafter) to the batched DFlash engine
-#    (left-padded batches work too; CUDA graphs on CUDA, dflash_compile=True to also torch.compile it).
-out = target.generate(**inputs, assistant_model=drafter, max_new_tokens=256, do_sample=False)
-print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-print("mean acceptance length:", drafter.last_stats.mean_acceptance_length)
-
-# 2. Pipeline (pass the loaded drafter object, not its name).
-pipe = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
-print(pipe(messages, max_new_tokens=128, do_sample=False)[0]["generated_text"][-1]["content"])
-
-# 3. transformers' own DFlash route (transformers >= 5.15.1).
-out = target.generate(**inputs, assistant_model=drafter, speculation_type="dflash", max_new_tokens=256)
-
-{route4}tokenizer.padding_side = "left"
-batch = tokenizer.apply_chat_template([messages, [{{"role": "user", "content": "Explain RoPE briefly."}}]],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True,
-                                      padding=True).to(target.device)
-out = target.generate(**batch, custom_generate="{repo}", trust_remote_code=True, assistant_model=drafter,
-                      max_new_tokens=256)
-```
-
-Load target and drafter with the same dtype and device. With the dflash-hf package installed,
-`dflash_hf.DFlashDecoder(target, drafter)` exposes the same engine with its own API.
-
-## Usage with vLLM and SGLang
-
-The weights and the nested `dflash_config` are in z-lab's layout, which both servers read. Use `block_size - 1 =
-{block - 1}` speculative tokens:
-
-```bash
-vllm serve {target} \\
-  --speculative-config '{{"method": "dflash", "model": "{repo}", "num_speculative_tokens": {block - 1}}}'
-
-python -m sglang.launch_server --model-path {target} \\
-  --speculative-algorithm DFLASH --speculative-draft-model-path {repo} \\
-  --speculative-num-draft-tokens {block} --trust-remote-code
-```
-
-This config says `"model_type": "{MODEL_TYPE}"` (so transformers picks the code in this repository). A server version
-that insists on z-lab's original `"model_type": "qwen3"` needs that one value changed back in a local copy; the
-weights need no change.
-
-{results}
-## Limitations
-
-- Routes 1, 2 and 4 run the batched engine; transformers' native route (3) runs one sequence at a time.
-- The drafter must run with the target it was trained for: `target_layer_ids` index that target's layers and the
-  drafter borrows its embedding and LM head.
-- Acceptance is highest on the kind of text the drafter was trained on, and drops with a chat template or thinking
-  mode that differs from training.
-"""
-    return "\n".join(meta) + body
+    summarize_metrics(data)  # a file the card cannot summarise fails here, before anything is written
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,6 +275,10 @@ def _card_license(readme: Path) -> str | None:
     front = text.split("---", 2)[1]
     match = re.search(r"^license:\s*(\S+)\s*$", front, flags=re.MULTILINE)
     return match.group(1) if match else None
+
+
+def _has_custom_generate(folder: Path) -> bool:
+    return (folder / "custom_generate" / "generate.py").is_file()
 
 
 def _looks_like_an_export(folder: Path) -> bool:
@@ -498,11 +356,13 @@ def check_fits_target_config(config, target: dict) -> None:
 def export_drafter(drafter, out: str | os.PathLike, *, name: str | None = None, base_model: str | None = None,
                    repo_id: str | None = None, metrics=None, dtype: torch.dtype | None = torch.bfloat16,
                    license: str = "apache-2.0", trained: bool = True, overwrite: bool = False) -> ExportResult:
-    """Write a Hub-ready folder for a loaded `DFlashDraftModel` (see the module docstring for its contents)."""
+    """Write a Hub-ready folder for a loaded `DFlashDraftModel` (see the module docstring for its contents).
+
+    The card's title is `name`, else the last part of `repo_id`, else `<base model>-DFlash`; `metrics` is a
+    `--metrics` JSON document or a `dflash_hf.model_card.Measured` (None: the card says it was not measured)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    name = name or out.name
     tmp = _prepare_out(out, overwrite)
     try:
         state = drafter_state_dict(drafter, dtype)
@@ -513,7 +373,7 @@ def export_drafter(drafter, out: str | os.PathLike, *, name: str | None = None, 
         n_params = sum(t.numel() for t in state.values())
         (tmp / "README.md").write_text(model_card(name=name, repo_id=repo_id, config=config, base_model=base_model,
                                                   n_params=n_params, metrics=metrics, license=license,
-                                                  trained=trained))
+                                                  trained=trained, custom_generate=_has_custom_generate(tmp)))
         return _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -557,7 +417,6 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
                              "again.") from error
     check_layout(shapes.keys(), expected_shapes(config), shapes)
 
-    name = name or Path(out).name
     out = Path(out)
     tmp = _prepare_out(out, overwrite)
     try:
@@ -582,7 +441,7 @@ def convert_zlab(src: str | os.PathLike, out: str | os.PathLike, *, name: str | 
             n_params += count
         (tmp / "README.md").write_text(model_card(name=name, repo_id=repo_id, config=data, base_model=base_model,
                                                   n_params=n_params, metrics=metrics, license=license,
-                                                  source=str(src.name)))
+                                                  source=str(src.name), custom_generate=_has_custom_generate(tmp)))
         for extra in ("LICENSE", "LICENSE.txt", "NOTICE"):
             if (src / extra).is_file():
                 shutil.copyfile(src / extra, tmp / extra)

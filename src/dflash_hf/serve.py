@@ -52,7 +52,8 @@ try:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError(
-        "`dflash-hf serve` needs FastAPI and uvicorn; install them with:  pip install 'dflash-hf[serve]'  "
+        "`dflash-hf serve` needs FastAPI and uvicorn; install them from the dflash-hf source folder with:  "
+        "pip install -e '.[serve]'  "
         f"(missing: {error.name})"
     ) from error
 

@@ -2,7 +2,7 @@
 released layout, custom_generate/, model card), optionally upload it.
 
     dflash-hf export bundled --target smollm2 --out hub_upload/SmolLM2-135M-Instruct-DFlash \\
-        --metrics benchmarks/results/smollm2.json
+        --metrics benchmarks/results/smollm2_h200_f_b1.json
     HF_TOKEN=hf_... dflash-hf export bundled --target smollm2 --out hub_upload/... --push NAMESPACE/NAME
 
 --push takes the token as huggingface_hub does (HF_TOKEN, else the saved `hf auth login`) and refuses to run offline
@@ -19,10 +19,15 @@ from dflash_hf.cli_args import TORCH_DTYPE_NAMES, add_dtype_argument
 
 def add_card_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder to write (e.g. hub_upload/NAME)")
-    parser.add_argument("--name", default=None, help="model name in the card (default: the --out folder name)")
+    parser.add_argument("--name", default=None,
+                        help="model name, the card's title (default: the NAME of --push NAMESPACE/NAME, else the "
+                             "converted release's name, else TARGET-DFlash)")
     parser.add_argument("--metrics", default=None, metavar="JSON",
-                        help="measured results to put in the card: a JSON object (metric -> value) or a list of "
-                             "row objects, e.g. from benchmarks/results/")
+                        help="measured results for the card, summarised (tau per prompt category, speedup against "
+                             "HF static-cache greedy, hardware, command) and written as its model-index: the JSON "
+                             "of `dflash-hf bench` (benchmarks/results/NAME.json) or a training metrics.json "
+                             "(default for export: the training results the drafter folder carries, its "
+                             "metrics.json or TRAINING.md, if any)")
     parser.add_argument("--base-model", default=None, help="Hub id of the target for the card's base_model")
     parser.add_argument("--license", default=None,
                         help="license id for the card's metadata (export: default apache-2.0; convert: default the "
@@ -106,6 +111,16 @@ def finish(result_or_builder, args, *, dry_run_label: str) -> int:
     return 0
 
 
+def drafter_folder(drafter: str) -> Path | None:
+    """The folder DRAFTER names ('bundled': the one shipped in the package), or None when there is none."""
+    from dflash_hf.assets import bundled_drafter_path, has_bundled_drafter
+
+    if drafter.lower() == "bundled":
+        return bundled_drafter_path() if has_bundled_drafter() else None
+    folder = Path(drafter).expanduser()
+    return folder if folder.is_dir() else None
+
+
 def weights_dtype(drafter: str):
     """dtype of the drafter's stored weights (float32 for the untrained stand-in), for `--dtype keep`."""
     import torch
@@ -133,8 +148,11 @@ def run(args) -> int:
 
     from dflash_hf.assets import resolve_drafter
     from dflash_hf.export import check_fits_target_config, export_drafter, load_metrics
+    from dflash_hf.model_card import training_results
 
     metrics = load_metrics(args.metrics)
+    if metrics is None:
+        metrics = training_results(drafter_folder(args.drafter))
     base_model, target_dims = target_info(args.target, args.base_model)
     if args.drafter.lower() == "bundled" and args.target.lower() != "smollm2":
         raise ValueError("DRAFTER 'bundled' is the SmolLM2-135M-Instruct drafter; export it with --target smollm2.")
@@ -148,7 +166,7 @@ def run(args) -> int:
         check_fits_target_config(drafter.config, target_dims)
 
     def build(out: Path, overwrite: bool):
-        return export_drafter(drafter, out, name=args.name or Path(args.out).name, base_model=base_model,
+        return export_drafter(drafter, out, name=args.name, base_model=base_model,
                               repo_id=args.push, metrics=metrics, dtype=dtype,
                               license=args.license or "apache-2.0", trained=trained, overwrite=overwrite)
 
