@@ -11,9 +11,8 @@ status saying whose move it is:
   checked by argparse, which also exits 2.
 - 1: the input was fine but the world failed at run time (`RuntimeFailure`: e.g. the Hub upload could not connect).
 
-Progress: one bar per long phase (the one-time SmolLM2 conversion, a benchmark, training), on a terminal only.
-transformers' own bars ("Loading weights" and the like, drawn for every model load) are switched off here, for the
-commands; importing the library leaves them as the user set them.
+Progress: transformers' own bars ("Loading weights" and the like, one per model load, nested under a command's own
+bar) are switched off here, for the commands; importing the library leaves them as the user set them.
 """
 
 from __future__ import annotations
