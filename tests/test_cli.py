@@ -29,6 +29,12 @@ def cli(*args, stdin: str | None = None, timeout: int = 600) -> subprocess.Compl
                           text=True, env=env, timeout=timeout)
 
 
+def assert_no_bars(stderr: str) -> None:
+    """stderr is a pipe here, not a terminal: no progress bars at all, so no transformers 'Loading weights' bar and no
+    cursor-up escapes from nested bars."""
+    assert "\x1b[A" not in stderr and "Loading weights" not in stderr and "it/s]" not in stderr, stderr[-2000:]
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A real fast tokenizer over the tiny vocabulary: ids 0-5 special, 6..95 the words 'w6'..'w95'."""
     vocab = {token: i for i, token in enumerate(SPECIAL)}
@@ -128,6 +134,7 @@ def test_generate_streams_the_targets_greedy_text(tiny_folders):
     assert expected.strip(), "the tiny target should say something"
     assert result.stdout.strip() == expected.strip()
     assert "[dflash]" in result.stderr and "tau" in result.stderr  # statistics go to stderr, not into the text
+    assert_no_bars(result.stderr)
 
 
 def test_generate_with_chat_template_and_sampling(tiny_folders):
@@ -157,6 +164,7 @@ def test_chat_keeps_the_conversation_and_exits(tiny_folders):
     # Two replies (the blank line is skipped, nothing after /exit runs), each streamed on its own line.
     assert [line.strip() for line in result.stdout.splitlines()] == [first, second]
     assert result.stderr.count("[dflash]") == 2
+    assert_no_bars(result.stderr)
 
 
 @pytest.mark.parametrize("route", ["batched", "assisted"])

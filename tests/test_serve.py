@@ -144,7 +144,19 @@ class ServerProcess:
         return OpenAI(base_url=self.base + "/v1", api_key="EMPTY", max_retries=0, timeout=90)
 
     def metrics(self) -> dict:
-        return http("GET", self.base + "/metrics")[1]
+        return http("GET", self.base + "/metrics.json")[1]
+
+    def prometheus(self) -> tuple[str, dict]:
+        """(Content-Type, {sample name with its labels: value}) of GET /metrics, parsed by prometheus_client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.base + "/metrics", timeout=30) as response:
+            content_type, text = response.headers["Content-Type"], response.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return content_type, samples
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -216,6 +228,54 @@ def test_models_health_metrics(server, client, folder):
     metrics = server.metrics()
     assert metrics["max_batch_size"] == MAX_BATCH and metrics["mode"] == "dflash"
     assert {"requests", "tokens", "mean_acceptance_length", "batches", "queue"} <= set(metrics)
+
+
+def test_prometheus_metrics_count_what_was_sent(server, client, ref, folder):
+    """GET /metrics is Prometheus text (0.0.4) that prometheus_client parses; its counters move by exactly the requests,
+    prompt tokens and completion tokens sent here, and /metrics.json reports the same totals."""
+    content_type, before = server.prometheus()
+    assert content_type.startswith("text/plain") and "version=0.0.4" in content_type
+
+    def value(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    chat = client.chat.completions.create(model="m", messages=user(PROMPTS[0]), max_tokens=6, temperature=0)
+    stream = client.chat.completions.create(model="m", messages=user(PROMPTS[1]), max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    streamed_usage = [c.usage for c in stream if c.usage][0]
+    text = client.completions.create(model="m", prompt=[PROMPTS[2], PROMPTS[3]], max_tokens=4, temperature=0)
+    assert http("POST", server.base + "/v1/completions", b"{not json")[0] == 400
+    prompt_tokens = (len(ref.chat_ids(user(PROMPTS[0]))) + len(ref.chat_ids(user(PROMPTS[1])))
+                     + len(ref.text_ids(PROMPTS[2])) + len(ref.text_ids(PROMPTS[3])))
+    completion_tokens = chat.usage.completion_tokens + streamed_usage.completion_tokens + text.usage.completion_tokens
+    assert prompt_tokens == chat.usage.prompt_tokens + streamed_usage.prompt_tokens + text.usage.prompt_tokens
+
+    content_type, after = server.prometheus()
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert value(delta, "dflash_requests_total", kind="chat", stream="false") == 1
+    assert value(delta, "dflash_requests_total", kind="chat", stream="true") == 1
+    assert value(delta, "dflash_requests_total", kind="completions", stream="false") == 1
+    assert value(delta, "dflash_requests_total", kind="completions", stream="true") == 0
+    assert value(delta, "dflash_request_errors_total", status="400") == 1
+    assert value(delta, "dflash_prompt_tokens_total") == prompt_tokens
+    assert value(delta, "dflash_completion_tokens_total") == completion_tokens > 0
+    assert value(delta, "dflash_generated_tokens_total") >= completion_tokens
+    assert value(delta, "dflash_time_to_first_token_seconds_count") == 4  # one per row: 2 chats, 2 prompts
+    assert value(delta, "dflash_queue_wait_seconds_count") == 4
+    assert value(delta, "dflash_batch_size_count") >= 2
+    steps = value(delta, "dflash_acceptance_length_count")
+    assert steps > 0 and value(delta, "dflash_acceptance_length_bucket", le="+Inf") == steps
+    assert value(delta, "dflash_acceptance_length_sum") >= steps
+    [info] = [dict(labels) for name, labels in after if name == "dflash_server_info"]
+    assert info["model"] == folder.name and info["mode"] == "dflash"
+    assert value(after, "dflash_max_batch_size") == MAX_BATCH
+    assert value(after, "dflash_requests_running") == 0 and value(after, "dflash_requests_waiting") == 0
+
+    metrics = server.metrics()
+    assert metrics["requests"]["total"] == sum(v for (name, _), v in after.items() if name == "dflash_requests_total")
+    assert metrics["tokens"]["prompt"] == value(after, "dflash_prompt_tokens_total")
+    assert metrics["tokens"]["completion"] == value(after, "dflash_completion_tokens_total")
+    assert metrics["verify_steps"] == value(after, "dflash_acceptance_length_count")
 
 
 def test_chat_greedy_equals_target_and_model_card_snippet(client, ref):
@@ -579,3 +639,31 @@ def test_every_row_of_a_batch_streams_while_its_batch_runs(ref):
     last_of_longest = max(k for k, (_, r, item) in enumerate(posts) if r is longest and item[0] == "chunk")
     assert posts[end_of_short][0] and end_of_short < last_of_longest  # answered while the batch still ran
     assert {id(r) for _, r, _ in posts} == {id(r) for r in rows}  # the filler row posts nothing
+
+
+def test_each_app_has_its_own_prometheus_registry(ref):
+    """Two apps in one process: each /metrics shows its own engine's figures, and nothing lands in prometheus_client's
+    process-wide default registry."""
+    from fastapi.testclient import TestClient
+    from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dflash_hf.serve import Engine, create_app
+
+    def families(response) -> dict:
+        return {f.name: f for f in text_string_to_metric_families(response.text)}
+
+    apps = [create_app(Engine(ref.model, ref.tokenizer, None, max_batch_size=2, model_name=name))
+            for name in ("first", "second")]
+    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+        reply = first.post("/v1/completions", json={"prompt": "w10 w11", "max_tokens": 3, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        ones, twos = families(first.get("/metrics")), families(second.get("/metrics"))
+        assert ones["dflash_server_info"].samples[0].labels["model"] == "first"
+        assert twos["dflash_server_info"].samples[0].labels["model"] == "second"
+        requests = {(s.labels["kind"], s.labels["stream"]): s.value for s in ones["dflash_requests"].samples
+                    if s.name.endswith("_total")}
+        assert requests[("completions", "false")] == 1 and sum(requests.values()) == 1
+        assert sum(s.value for s in twos["dflash_requests"].samples if s.name.endswith("_total")) == 0
+        assert first.get("/metrics.json").json()["requests"]["total"] == 1
+    assert not [f.name for f in REGISTRY.collect() if f.name.startswith("dflash")]

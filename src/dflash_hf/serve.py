@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server with DFlash decoding (`dflash-hf serve`).
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with server-sent-event streaming),
-`GET /v1/models`, `GET /health`, `GET /metrics` (JSON). See docs/SERVING.md for the client side.
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format, through prometheus-client, as vLLM and SGLang
+serve it) and `GET /metrics.json` (the same figures as one JSON object). See docs/SERVING.md for the client side.
 
 How requests are run (one process, one model):
 
@@ -10,7 +11,7 @@ How requests are run (one process, one model):
   left-pads them into one batch and runs ONE `DFlashDecoder.generate` call on a dedicated worker thread, so the event
   loop keeps answering while the batch runs. Requests that arrive while a batch runs wait and join the NEXT batch;
   there is no joining a batch in flight (the queueing delay is returned per response in `dflash.queue_seconds` and
-  summarised in /metrics).
+  summarised in /metrics and /metrics.json).
 - The decoder keeps static caches and CUDA graphs per batch size, so batches are padded up to the next power of two
   (capped at `--max-batch-size`) by repeating the first row: a handful of shapes instead of one per batch size.
 - A seeded sampling request (`seed` set, temperature > 0) runs alone, so the same request and seed give the same text.
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import math
 import concurrent.futures
 import json
 import queue
@@ -59,6 +62,17 @@ except ImportError as error:  # pragma: no cover - depends on the install
 
 from dflash_hf.cli_args import seed_problem, temperature_problem
 from dflash_hf.stops import cut_after_stop, target_stop_ids
+
+try:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+    from prometheus_client.exposition import choose_encoder
+    from prometheus_client.utils import floatToGoString
+except ImportError as error:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "`dflash-hf serve` needs prometheus-client for GET /metrics; install it with:  pip install 'dflash-hf[serve]'  "
+        f"(missing: {error.name})"
+    ) from error
 
 DEFAULT_MAX_MODEL_LEN = 8192
 # The decoder keeps one workspace (static caches + CUDA graphs) per batch shape and sampling setting. Greedy ones are
@@ -499,7 +513,8 @@ class Engine:
         self.mode = "dflash" if drafter is not None else "plain"
         self.created = int(time.time())
         self.started_at = time.monotonic()
-        self.metrics = _Metrics()
+        # Batch-size histogram: every size up to 8, then the padding buckets (powers of two).
+        self.metrics = _Metrics(batch_bounds=tuple(sorted({*range(1, min(max_batch_size, 8) + 1), *self.buckets})))
         self._pending: deque[Row] = deque()
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="dflash-gpu", daemon=True)
@@ -782,6 +797,8 @@ class Engine:
                     raise payload
                 if kind == "end":
                     break
+                if not chunks:
+                    self.metrics.ttft.observe(time.monotonic() - row.arrival)
                 chunks.append(len(payload))
                 pieces = []  # one text delta per verify step, not per token
                 for token in payload:
@@ -807,18 +824,46 @@ class Engine:
                     self.metrics.cancelled += 1
 
 
+# Histogram bucket upper bounds (+Inf is added). Batch sizes get theirs from the engine's batch-size buckets.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ACCEPTANCE_BUCKETS = tuple(range(1, 17))  # tokens committed per verify step; a released drafter's block is 16
+
+
+class _Histogram:
+    """A histogram's state (count per bucket, sum, count), kept here so that /metrics and /metrics.json read the same
+    numbers. Updated and read on the event loop only."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # bucket `le` counts values <= le
+        self.sum += value
+        self.count += 1
+
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, n in zip((*self.bounds, math.inf), self.counts):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
 @dataclass
 class _Metrics:
-    requests: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)
+    batch_bounds: tuple = (1, 2, 4, 8)
+    requests: Counter = field(default_factory=Counter)  # (kind "chat" | "text", streaming) -> requests
+    errors: Counter = field(default_factory=Counter)  # HTTP status (str) -> error responses
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    acceptance_sum: int = 0
-    acceptance_steps: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
-    queue_seconds_sum: float = 0.0
     queue_seconds_max: float = 0.0
-    queued_rows: int = 0
     decode_seconds: float = 0.0
     generated_tokens: int = 0
     aborted_generations: int = 0
@@ -826,11 +871,24 @@ class _Metrics:
     cancelled_in_queue: int = 0
     failed_rows: int = 0
 
+    def __post_init__(self):
+        self.acceptance = _Histogram(ACCEPTANCE_BUCKETS)  # one observation per verify step of a finished row
+        self.batch_size = _Histogram(self.batch_bounds)  # one per batch run
+        self.queue_wait = _Histogram(SECONDS_BUCKETS)  # one per row taken into a batch
+        self.ttft = _Histogram(SECONDS_BUCKETS)  # arrival to the row's first token, one per row that got one
+
+    def request(self, kind: str, stream: bool) -> None:
+        self.requests[kind, stream] += 1
+
+    def requests_of(self, kind: str | None = None, stream: bool | None = None) -> int:
+        return sum(n for (k, s), n in self.requests.items() if kind in (None, k) and stream in (None, s))
+
     def record_batch(self, size: int, waits: list[float]) -> None:
         self.batch_sizes[size] += 1
-        self.queue_seconds_sum += sum(waits)
+        self.batch_size.observe(size)
+        for wait in waits:
+            self.queue_wait.observe(wait)
         self.queue_seconds_max = max([self.queue_seconds_max, *waits])
-        self.queued_rows += len(waits)
 
     def record_stats(self, stats: dict) -> None:
         self.failed_rows += stats.get("failed", 0)
@@ -842,8 +900,74 @@ class _Metrics:
         self.prompt_tokens += prompt_tokens
         for r in results:
             self.completion_tokens += r.completion_tokens
-            self.acceptance_sum += sum(r.acceptance_lengths)
-            self.acceptance_steps += len(r.acceptance_lengths)
+            for length in r.acceptance_lengths:
+                self.acceptance.observe(length)
+
+
+class _PrometheusCollector:
+    """Everything `_Metrics` and the engine's live state hold, as Prometheus metric families, read at scrape time.
+    Registered in one `CollectorRegistry` per app (never the process-wide default registry), so several servers or
+    apps in one process do not collide."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        engine, m = self.engine, self.engine.metrics
+
+        def counter(name, documentation, value):
+            return CounterMetricFamily(name, documentation, value=value)
+
+        def gauge(name, documentation, value):
+            return GaugeMetricFamily(name, documentation, value=value)
+
+        info = InfoMetricFamily("dflash_server", "The served model, the decoding mode and the drafter.")
+        info.add_metric([], {"model": engine.model_name, "mode": engine.mode, "drafter": str(engine.drafter_kind)})
+        yield info
+        yield gauge("dflash_max_batch_size", "--max-batch-size: most requests decoded in one batch.",
+                    engine.max_batch_size)
+        yield gauge("dflash_max_model_len", "Prompt + max_tokens limit per request (tokens).", engine.max_model_len)
+        yield gauge("dflash_start_time_seconds", "Unix time the server started.", engine.created)
+
+        requests = CounterMetricFamily("dflash_requests", "Completion requests accepted, by endpoint (kind: chat = "
+                                       "/v1/chat/completions, completions = /v1/completions) and streaming.",
+                                       labels=["kind", "stream"])
+        for kind, name in (("chat", "chat"), ("text", "completions")):
+            for stream in (False, True):
+                requests.add_metric([name, str(stream).lower()], m.requests[kind, stream])
+        yield requests
+        errors = CounterMetricFamily("dflash_request_errors", "Error responses, by HTTP status.", labels=["status"])
+        for status, n in sorted(m.errors.items()):
+            errors.add_metric([status], n)
+        yield errors
+        yield counter("dflash_prompt_tokens", "Prompt tokens of requests answered in full.", m.prompt_tokens)
+        yield counter("dflash_completion_tokens", "Completion tokens returned to clients (usage.completion_tokens).",
+                      m.completion_tokens)
+        yield counter("dflash_generated_tokens", "Tokens decoded for the requests' rows (one row per prompt), text "
+                      "cut by a stop string included.", m.generated_tokens)
+        yield counter("dflash_rows_cancelled", "Rows whose client went away before their answer was complete.",
+                      m.cancelled)
+        yield counter("dflash_rows_cancelled_while_queued", "Rows dropped before they ran: their client went away "
+                      "while they waited.", m.cancelled_in_queue)
+        yield counter("dflash_rows_failed", "Rows whose generation raised (answered with a 500).", m.failed_rows)
+        yield counter("dflash_live_generations_aborted", "Generations stopped early because their only client went "
+                      "away.", m.aborted_generations)
+        yield counter("dflash_decode_seconds", "Seconds the accelerator spent decoding batches.", m.decode_seconds)
+        yield m.batch_size.family("dflash_batch_size", "Requests (rows) per batch run, before padding to a "
+                                  "batch-size bucket.")
+        yield m.queue_wait.family("dflash_queue_wait_seconds", "Seconds a row waited from arrival until its batch "
+                                  "started.")
+        yield m.ttft.family("dflash_time_to_first_token_seconds", "Seconds from a row's arrival to its first "
+                            "generated token reaching the HTTP handler (queueing + prefill).")
+        yield m.acceptance.family("dflash_acceptance_length", "Tokens committed per verify step (tau; the mean is "
+                                  "_sum / _count), for rows answered in full. Empty with --no-drafter.")
+        yield gauge("dflash_queue_wait_max_seconds", "Longest wait of any row so far.", m.queue_seconds_max)
+        yield gauge("dflash_requests_running", "Rows in the batch now running.", engine.running_batch)
+        yield gauge("dflash_requests_waiting", "Rows waiting for a batch.", engine.queue_depth())
+        workspaces = engine.decoder_workspaces()
+        if workspaces is not None:
+            yield gauge("dflash_decoder_workspaces", "Static-cache workspaces the decoder holds (one per batch "
+                        "shape and sampling setting).", workspaces)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -980,9 +1104,7 @@ class _Handler:
     async def complete(self, kind: Literal["chat", "text"], prompts: list[list[int]], params: SamplingParams,
                        stream: bool, include_usage: bool) -> JSONResponse | StreamingResponse:
         engine = self.engine
-        engine.metrics.requests[kind] += 1
-        if stream:
-            engine.metrics.requests["streaming"] += 1
+        engine.metrics.request(kind, stream)
         rows = self._rows(prompts, params, stream)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -1084,6 +1206,8 @@ def create_app(engine: Engine) -> FastAPI:
     """The FastAPI application serving `engine` (start it under uvicorn; the lifespan starts the scheduler)."""
     from contextlib import asynccontextmanager
 
+    from starlette.responses import Response
+
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
@@ -1104,7 +1228,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def _http_error(request, error: StarletteHTTPException):
         engine.metrics.errors[str(error.status_code)] += 1
         message = {404: f"Unknown endpoint {request.method} {request.url.path}; see /v1/models, "
-                        "/v1/chat/completions, /v1/completions, /health, /metrics.",
+                        "/v1/chat/completions, /v1/completions, /health, /metrics, /metrics.json.",
                    405: f"Method {request.method} is not allowed on {request.url.path}."}.get(
             error.status_code, str(error.detail))
         return APIError(message, status=error.status_code, type=_error_type(error.status_code)).response()
@@ -1149,29 +1273,38 @@ def create_app(engine: Engine) -> FastAPI:
                              "mode": engine.mode, "queue_depth": engine.queue_depth(),
                              "running_batch": engine.running_batch}, status_code=status)
 
+    registry = CollectorRegistry()  # this app's own: never the process-wide default registry
+    registry.register(_PrometheusCollector(engine))
+
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        # Prometheus text format (version 0.0.4) unless the scraper asks for OpenMetrics in its Accept header.
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry), media_type=content_type)
+
+    @app.get("/metrics.json")
+    async def metrics_json():
         m = engine.metrics
-        batches = sum(m.batch_sizes.values())
+        batches = m.batch_size.count
         return {
             "model": engine.model_name, "mode": engine.mode, "drafter": engine.drafter_kind,
             "max_batch_size": engine.max_batch_size, "max_model_len": engine.max_model_len,
             "uptime_seconds": round(time.monotonic() - engine.started_at, 3),
-            "requests": {"chat": m.requests["chat"], "completions": m.requests["text"],
-                         "total": m.requests["chat"] + m.requests["text"], "streaming": m.requests["streaming"],
+            "requests": {"chat": m.requests_of("chat"), "completions": m.requests_of("text"),
+                         "total": m.requests_of(), "streaming": m.requests_of(stream=True),
                          "errors": dict(m.errors), "cancelled": m.cancelled,
                          "cancelled_while_queued": m.cancelled_in_queue, "failed_rows": m.failed_rows},
             "tokens": {"prompt": m.prompt_tokens, "completion": m.completion_tokens, "generated": m.generated_tokens},
-            "mean_acceptance_length": (m.acceptance_sum / m.acceptance_steps) if m.acceptance_steps else None,
-            "verify_steps": m.acceptance_steps,
+            "mean_acceptance_length": m.acceptance.mean(),
+            "verify_steps": m.acceptance.count,
+            "mean_time_to_first_token_seconds": m.ttft.mean(),
             "decoder_workspaces": engine.decoder_workspaces(),
             "batches": {"count": batches, "sizes": {str(k): v for k, v in sorted(m.batch_sizes.items())},
-                        "mean_size": (sum(k * v for k, v in m.batch_sizes.items()) / batches) if batches else None,
+                        "mean_size": m.batch_size.mean(),
                         "aborted_live_generations": m.aborted_generations,
                         "decode_seconds": round(m.decode_seconds, 6)},
             "queue": {"depth": engine.queue_depth(), "running_batch": engine.running_batch,
-                      "mean_wait_seconds": (m.queue_seconds_sum / m.queued_rows) if m.queued_rows else None,
-                      "max_wait_seconds": m.queue_seconds_max},
+                      "mean_wait_seconds": m.queue_wait.mean(), "max_wait_seconds": m.queue_seconds_max},
         }
 
     return app

@@ -72,7 +72,8 @@ def register(subparsers) -> None:
     gen.add_argument("--no-chat-template", action="store_true",
                      help="feed raw prompts (base models without a chat template)")
     gen.add_argument("--system-prompt", default=None, help="system message added before each prompt")
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (none is drawn when stderr is not a terminal)")
     parser.set_defaults(func=run)
 
 
@@ -137,7 +138,7 @@ def run(args) -> int:
           file=sys.stderr)
     summary = make_data(target, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.output,
                         use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
-                        progress=not args.no_progress,
+                        progress=not args.no_progress and sys.stderr.isatty(),  # no bar in logs
                         engine=args.engine)
     summary["load_seconds"] = load_seconds
     print(json.dumps(summary, indent=2))

@@ -114,7 +114,8 @@ def register(subparsers) -> None:
                         help="dtype of saved weights: bf16 (default, as released drafters) or fp32")
     output.add_argument("--log-every", type=positive_int, default=10, help="history granularity in steps")
     output.add_argument("--no-plot", action="store_true", help="skip curves.png")
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (none is drawn when stderr is not a terminal)")
     parser.set_defaults(func=run)
 
 
@@ -232,7 +233,7 @@ def run(args) -> int:
             eval_batch_size=args.eval_batch_size, stop_token_ids=target_stop_ids(target, tokenizer),
             pad_token_id=pad_token_id(target, tokenizer), output_dir=args.output, save_every=args.save_every,
             save_dtype=torch.bfloat16 if args.save_dtype == "bf16" else torch.float32, log_every=args.log_every,
-            plot=not args.no_plot, progress=not args.no_progress, run_info=run_info,
+            plot=not args.no_plot, progress=not args.no_progress and sys.stderr.isatty(), run_info=run_info,
         )
         if rank == 0:
             summary = {
