@@ -2,7 +2,7 @@
 server with its drafter (DFlash) and the same server with `--no-drafter` (plain batched `target.generate`).
 
 By default it starts each server itself (a subprocess on 127.0.0.1, a free port), warms it up, runs every concurrency
-level, reads /metrics, and stops it with SIGTERM. `--url` benchmarks a server that is already running instead.
+level, reads /metrics.json, and stops it with SIGTERM. `--url` benchmarks a server that is already running instead.
 
 Each client is a thread that sends streaming chat requests (temperature 0, fixed `max_tokens`) back to back; a level
 ends after `--requests-per-client` requests per client or `--level-seconds`, whichever comes first (a request in
@@ -124,7 +124,7 @@ def run_level(base: str, concurrency: int, requests_per_client: int, level_secon
             with lock:
                 results.append(outcome)
 
-    before = get_json(base, "/metrics")[1]
+    before = get_json(base, "/metrics.json")[1]
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
@@ -132,7 +132,7 @@ def run_level(base: str, concurrency: int, requests_per_client: int, level_secon
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    after = get_json(base, "/metrics")[1]
+    after = get_json(base, "/metrics.json")[1]
 
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["completion_tokens"] for r in ok)
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{mode}] {concurrency:>3} clients: {level['requests']} requests, {level['tokens_per_second']} "
                       f"tok/s, TTFT p50 {level['ttft_p50']} s, mean batch {level['server_mean_batch_size']}, "
                       f"errors {level['error_count']}", flush=True)
-            run["final_metrics"] = get_json(base, "/metrics")[1]
+            run["final_metrics"] = get_json(base, "/metrics.json")[1]
         except Exception as error:  # noqa: BLE001 - recorded; the other mode still runs
             run["error"] = f"{type(error).__name__}: {error}"
             print(f"[{mode}] failed: {run['error']}", file=sys.stderr, flush=True)

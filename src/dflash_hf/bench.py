@@ -1265,7 +1265,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
 
     previous_verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # generate's per-call notices would drown the progress bar
-    bar = tqdm(plan, desc="bench", unit="method", file=sys.stderr)
+    bar = tqdm(plan, desc="bench", unit="method", file=sys.stderr, disable=None)
     try:
         for spec, batch in bar:
             bar.set_postfix_str(f"{spec.key} b={batch}")

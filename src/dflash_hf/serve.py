@@ -70,8 +70,8 @@ try:
     from prometheus_client.utils import floatToGoString
 except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError(
-        "`dflash-hf serve` needs prometheus-client for GET /metrics; install it with:  pip install 'dflash-hf[serve]'  "
-        f"(missing: {error.name})"
+        "`dflash-hf serve` needs prometheus-client for GET /metrics; install it with:  pip install -e '.[serve]'  "
+        f"(in the dflash-hf source folder; missing: {error.name})"
     ) from error
 
 DEFAULT_MAX_MODEL_LEN = 8192

@@ -32,7 +32,7 @@ def run(args) -> int:
     metrics = load_metrics(args.metrics)
 
     def build(out: Path, overwrite: bool):
-        return convert_zlab(src, out, name=args.name or Path(args.out).name, base_model=args.base_model,
+        return convert_zlab(src, out, name=args.name, base_model=args.base_model,
                             repo_id=args.push, metrics=metrics, license=args.license, overwrite=overwrite)
 
     return finish(build, args, dry_run_label=f"conversion of {src}")

@@ -1,7 +1,7 @@
 """`dflash-hf serve`: an OpenAI-compatible HTTP server (chat/completions, completions, streaming) with DFlash decoding.
 
 Requests that arrive while a batch runs wait and join the next batch; see docs/SERVING.md. Needs the `serve` extra
-(`pip install 'dflash-hf[serve]'`: FastAPI, uvicorn and prometheus-client).
+(`pip install -e '.[serve]'` in the source folder: FastAPI, uvicorn and prometheus-client).
 """
 
 from __future__ import annotations
