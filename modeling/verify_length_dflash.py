@@ -14,7 +14,9 @@ The expected number of tokens a row commits when verifying `L` is
     E(L) = 1 + sum_{j=1}^{L-1} prod_{i=1}^{j} a_i
 
 and the choice is the `L` with the largest `E(L) / costs[L]` (every active row shares the step, so the row count
-cancels). The choice depends only on earlier steps, never on the current step's draws: greedy output stays exact and
+cancels). An autoregressive step tries no draft and so teaches nothing about acceptance: after `explore_every`
+autoregressive steps in a row, one step verifies the best drafting length, so that a text on which the drafter
+becomes good (code after prose, a repetitive answer) is noticed. The choice depends only on earlier steps, never on the current step's draws: greedy output stays exact and
 speculative sampling stays distribution-preserving whatever length is chosen.
 """
 
@@ -90,16 +92,20 @@ class AdaptiveVerifyLength(VerifyLengthPolicy):
         prior: acceptance rate assumed for a position before the run has tried it.
         prior_weight: how many observations the prior counts for.
         decay: weight kept by older observations at each step (recent acceptance counts more).
+        explore_every: after this many autoregressive steps in a row, verify the best drafting length once.
     """
 
     needs_costs = True
 
-    def __init__(self, lengths: Sequence[int], *, prior: float = 0.7, prior_weight: float = 2.0, decay: float = 0.9):
+    def __init__(self, lengths: Sequence[int], *, prior: float = 0.7, prior_weight: float = 2.0, decay: float = 0.9,
+                 explore_every: int = 16):
         super().__init__(lengths)
-        if not 0 < prior < 1 or prior_weight <= 0 or not 0 < decay <= 1:
-            raise ValueError(f"need 0 < prior < 1, prior_weight > 0 and 0 < decay <= 1; got prior={prior}, "
-                             f"prior_weight={prior_weight}, decay={decay}.")
+        if not 0 < prior < 1 or prior_weight <= 0 or not 0 < decay <= 1 or explore_every < 1:
+            raise ValueError(f"need 0 < prior < 1, prior_weight > 0, 0 < decay <= 1 and explore_every >= 1; got "
+                             f"prior={prior}, prior_weight={prior_weight}, decay={decay}, explore_every={explore_every}.")
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.explore_every = explore_every
+        self.autoregressive_run = 0  # autoregressive steps chosen in a row
         positions = self.lengths[-1]  # index j = the j-th draft, 1 .. longest - 1
         self.tried = [0.0] * positions
         self.accepted = [0.0] * positions
@@ -120,7 +126,17 @@ class AdaptiveVerifyLength(VerifyLengthPolicy):
     def choose(self) -> int:
         if self.costs is None:  # before the cost table exists: the whole block, as plain DFlash
             return self.lengths[-1]
-        return max(self.lengths, key=lambda n: (self.expected_tokens(n) / self.costs[n], -n))
+        rate = {n: self.expected_tokens(n) / self.costs[n] for n in self.lengths}
+        best = max(self.lengths, key=lambda n: (rate[n], -n))
+        if best != 1:
+            self.autoregressive_run = 0
+            return best
+        self.autoregressive_run += 1
+        drafting = [n for n in self.lengths if n > 1]
+        if drafting and self.autoregressive_run > self.explore_every:
+            self.autoregressive_run = 0
+            return max(drafting, key=lambda n: (rate[n], -n))
+        return 1
 
     def observe(self, length: int, committed: Sequence[int]) -> None:
         rows = [c for c in committed if c > 0]

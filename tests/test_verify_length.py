@@ -216,6 +216,17 @@ def test_prior_and_cost_table_decide_before_any_observation():
     assert policy.choose() == 1
 
 
+def test_a_run_of_autoregressive_steps_is_broken_to_look_at_acceptance_again():
+    policy = AdaptiveVerifyLength((1, 2, 4, 8), prior=0.7, explore_every=5)
+    policy.set_costs({1: 1.0, 2: 2.5, 4: 3.0, 8: 4.0})  # E/cost: 1.0, 0.68, 0.84, 0.79
+    choices = [policy.choose() for _ in range(12)]
+    assert choices == [1] * 5 + [4] + [1] * 5 + [4]
+    # The drafter turned out good on this text: whole blocks accepted, and drafting wins from then on.
+    for _ in range(10):
+        policy.observe(4, [4])
+    assert policy.choose() == 8
+
+
 def test_acceptance_history_moves_the_choice():
     costs = {1: 1.0, 2: 1.2, 4: 1.3, 8: 1.5, 16: 2.0}
     accepting = AdaptiveVerifyLength((1, 2, 4, 8, 16))
