@@ -26,6 +26,7 @@ from .decoding_dflash import DFlashDecoder  # noqa: F401  (imported directly, so
 from .generation_dflash import DFlashStats, dflash_spec_generate
 from .integration_dflash import install_generate_integration
 from .masks_dflash import additive_mask, block_visibility
+from .verify_length_dflash import VerifyLengthPolicy  # noqa: F401  (imported directly, so 4.57 copies it too)
 
 
 # from_pretrained kwargs that say where config.json lives (the set AutoModel forwards).

@@ -202,6 +202,32 @@ def run_main(args, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Prompts (`[1, n]` or `[n]` each) -> left-padded `(input_ids, attention_mask)` `[batch, longest]`."""
+    rows = [p.reshape(-1) for p in prompts]
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - row.numel():], mask[r, width - row.numel():] = row, 1
+    return ids, mask
+
+
+def assert_pipeline_matches_plain(target, drafter, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
+    """`pipeline(..., assistant_model=drafter)` on the decoded prompts, one left-padded batch, gives the texts of the
+    plain pipeline run one prompt at a time."""
+    from transformers import pipeline
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(p.reshape(-1)) for p in prompts]
+    reference = pipeline("text-generation", model=target, tokenizer=tokenizer)
+    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
+    got = assisted(texts, max_new_tokens=max_new_tokens, do_sample=False, batch_size=len(texts))
+    assert [g[0]["generated_text"] for g in got] == [
+        reference(t, max_new_tokens=max_new_tokens, do_sample=False)[0]["generated_text"] for t in texts]
+
+
 def random_prompt(length: int, seed: int = 0, vocab: int = VOCAB) -> torch.LongTensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(6, vocab, (1, length), generator=g)

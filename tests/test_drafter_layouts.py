@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy, random_prompt, tiny_drafter, tiny_target
+from helpers import greedy, left_pad, random_prompt, tiny_drafter, tiny_target
 
 import dflash_hf
 from dflash_hf import DFlashDraftModel
@@ -81,11 +81,7 @@ def test_engine_drafts_equal_the_model_drafts(target, layout, monkeypatch):
         assert out[0, prompt.shape[1]:].tolist() == greedy(target, prompt, new, eos_token_id=None)[0, prompt.shape[1]:].tolist()
         reference.update(drafter.seen)
 
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
+    ids, mask = left_pad(prompts)
     drafter.record_as([f"p{i}" for i in range(len(prompts))])
     out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=new, stop_token_ids=[])
     for r, p in enumerate(prompts):

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import OracleDrafter, greedy, random_prompt, tiny_drafter, tiny_target
+from helpers import OracleDrafter, greedy, left_pad, random_prompt, tiny_drafter, tiny_target
 
 import dflash_hf
 
 NEW = 14
-
-
-def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(p.numel() for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.numel():] = p
-        mask[r, width - p.numel():] = 1
-    return ids, mask
 
 
 def check_chunks(calls: list[list[list[int]]], out, rows: int) -> None:

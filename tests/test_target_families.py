@@ -17,9 +17,17 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers import VOCAB, OracleDrafter, greedy, random_prompt, tiny_drafter, tiny_tokenizer
+from helpers import (
+    VOCAB,
+    OracleDrafter,
+    assert_pipeline_matches_plain,
+    greedy,
+    left_pad,
+    random_prompt,
+    tiny_drafter,
+)
 from packaging.version import Version
-from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import dflash_hf
 from dflash_hf.modeling.compat_dflash import recurrent_state_through_cache
@@ -89,12 +97,7 @@ def build_target(family: str, **overrides):
 def _engine_matches_hf(target, drafter, prompt_lengths=(30, 21), new=24):
     """Greedy engine output for a left-padded batch equals `target.generate` for each row alone."""
     prompts = [random_prompt(n, seed=n) for n in prompt_lengths]
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:] = p[0]
-        mask[r, width - p.shape[1]:] = 1
+    ids, mask = left_pad(prompts)
     out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=new, stop_token_ids=[])
     for r, p in enumerate(prompts):
         expected = greedy(target, p, new, eos_token_id=None, min_new_tokens=new)[0, p.shape[1]:].tolist()
@@ -141,11 +144,8 @@ def test_gemma4_pair_through_every_door():
     target, drafter = gemma4_pair()
     prompts = [random_prompt(n, seed=n) for n in (26, 11, 19)]
     expected = [greedy(target, p, 14, eos_token_id=None)[0, p.shape[1]:].tolist() for p in prompts]
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
+    ids, mask = left_pad(prompts)
+    width = ids.shape[1]
 
     out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=14, stop_token_ids=[])
     assert out.new_tokens == expected  # the engine, a left-padded batch
@@ -155,14 +155,7 @@ def test_gemma4_pair_through_every_door():
                                 eos_token_id=None, pad_token_id=0)
     assert [plain[r, width:].tolist() for r in range(len(prompts))] == expected  # plain generate, same batch
 
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(p[0]) for p in prompts]
-    reference = pipeline("text-generation", model=target, tokenizer=tokenizer)
-    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
-    got = assisted(texts, max_new_tokens=14, do_sample=False, batch_size=3)
-    assert [g[0]["generated_text"] for g in got] == [
-        reference(t, max_new_tokens=14, do_sample=False)[0]["generated_text"] for t in texts]
+    assert_pipeline_matches_plain(target, drafter, prompts, 14)
 
     if NATIVE:  # transformers' own route, one prompt at a time
         native = greedy(target, prompts[0], 14, assistant_model=drafter, speculation_type="dflash",
@@ -263,11 +256,8 @@ def test_hybrid_target_through_every_door(model_type):
         with pytest.raises(ValueError, match=r"transformers>=5.25"):
             greedy(target, prompts[0], 13, assistant_model=drafter, eos_token_id=None)
         return
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
+    ids, mask = left_pad(prompts)
+    width = ids.shape[1]
     assert dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=13, stop_token_ids=[]).new_tokens == expected
     assert dflash_hf.generate(target, None, ids, mask, max_new_tokens=13, stop_token_ids=[]).new_tokens == expected
     with warnings.catch_warnings():
@@ -275,13 +265,7 @@ def test_hybrid_target_through_every_door(model_type):
         plain = target.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=13,
                                 eos_token_id=None, pad_token_id=0)
     assert [plain[r, width:].tolist() for r in range(len(prompts))] == expected
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(p[0]) for p in prompts]
-    reference = pipeline("text-generation", model=target, tokenizer=tokenizer)
-    assisted = pipeline("text-generation", model=target, tokenizer=tokenizer, assistant_model=drafter)
-    assert [g[0]["generated_text"] for g in assisted(texts, max_new_tokens=13, do_sample=False, batch_size=3)] == [
-        reference(t, max_new_tokens=13, do_sample=False)[0]["generated_text"] for t in texts]
+    assert_pipeline_matches_plain(target, drafter, prompts, 13)
     native = greedy(target, prompts[0], 13, assistant_model=drafter, speculation_type="dflash", eos_token_id=None)
     assert native[0, prompts[0].shape[1]:].tolist() == expected[0]
 
@@ -317,8 +301,9 @@ def test_released_pair_shapes_stop_at_eos_inside_a_block(pair):
         assert max(out.acceptance_lengths[0]) > 2
 
 
+@pytest.mark.parametrize("verify_length", ["full", 1])
 @pytest.mark.parametrize("pair", ["gemma4", "qwen3_5_text"])
-def test_graph_capture_restores_everything_a_step_writes(pair, monkeypatch):
+def test_graph_capture_restores_everything_a_step_writes(pair, verify_length, monkeypatch):
     """On CUDA the graphs are captured after warm-up steps run on the live state, which is then restored from a
     snapshot (`_step_state`). Every tensor a step writes must be in that snapshot, or the warm-up would advance the
     generation: checked here on the first steady step of a run, against every tensor the workspace holds."""
@@ -333,19 +318,20 @@ def test_graph_capture_restores_everything_a_step_writes(pair, monkeypatch):
     seen = []
     replay = decoding_dflash._Workspace._replay_step
 
-    def checked_replay(workspace):
+    def checked_replay(workspace, *args):
         held = {id(t): t for t in vars(workspace).values() if torch.is_tensor(t)}
         for cache in (workspace.target_cache, workspace.draft_cache):
             for buffers in (cache.keys, cache.values, cache.conv_states, cache.recurrent_states):
                 held.update({id(t): t for t in buffers.values()})
         before = {key: t.clone() for key, t in held.items()}
-        result = replay(workspace)
+        result = replay(workspace, *args)
         written = {key for key, t in held.items() if not torch.equal(t, before[key])}
         seen.append((written, {id(t) for t in workspace._step_state()}))
         return result
 
     monkeypatch.setattr(decoding_dflash._Workspace, "_replay_step", checked_replay)
-    decoder = dflash_hf.DFlashDecoder(target, drafter, max_length=40, cuda_graphs=False, compile=False)
+    decoder = dflash_hf.DFlashDecoder(target, drafter, max_length=40, cuda_graphs=False, compile=False,
+                                      verify_length=verify_length)
     decoder.generate(random_prompt(9), max_new_tokens=20, stop_token_ids=[])
     assert seen, "no steady step ran"
     for written, restored in seen:

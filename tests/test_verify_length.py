@@ -17,7 +17,15 @@ import random
 
 import pytest
 import torch
-from helpers import OracleDrafter, greedy, random_prompt, tiny_drafter, tiny_target
+from helpers import (
+    OracleDrafter,
+    assert_pipeline_matches_plain,
+    greedy,
+    left_pad,
+    random_prompt,
+    tiny_drafter,
+    tiny_target,
+)
 from test_sampling import NEW as SAMPLED_NEW
 from test_sampling import P_THRESHOLD, PROMPT, SETTINGS, chi_square_p, exact_marginals
 from test_target_families import gemma4_pair, hybrid_pair
@@ -46,15 +54,6 @@ class RandomLengths(VerifyLengthPolicy):
         return self.rng.choice(self.lengths)
 
 
-def left_padded(prompts):
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
-    return ids, mask
-
-
 def expected_rows(target, prompts, new):
     return [greedy(target, p, new, eos_token_id=None, min_new_tokens=new)[0, p.shape[1]:].tolist() for p in prompts]
 
@@ -72,7 +71,7 @@ def qwen3():
 @pytest.mark.parametrize("length", range(1, BLOCK + 1))
 def test_every_fixed_length_is_exact(qwen3, length):
     prompts = [random_prompt(n, seed=n) for n in (13, 7, 10)]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     expected = expected_rows(qwen3, prompts, 21)
     drafter = tiny_drafter(qwen3, block_size=BLOCK)
     out = dflash_hf.generate(qwen3, drafter, ids, mask, max_new_tokens=21, stop_token_ids=[], verify_length=length)
@@ -100,7 +99,7 @@ def test_random_lengths_per_step_are_exact(qwen3, pair, seed):
     block = drafter.config.block_size
     layer_ids = drafter.config.target_layer_ids
     prompts = [random_prompt(n, seed=n + seed) for n in (14, 9)]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     expected = expected_rows(target, prompts, 19)
     out = dflash_hf.generate(target, drafter, ids, mask, max_new_tokens=19, stop_token_ids=[],
                              verify_length=RandomLengths(block, seed))
@@ -131,7 +130,7 @@ def test_the_drafter_context_holds_every_committed_row_whatever_the_lengths(qwen
     lengths, the draft cache holds the same keys/values for every committed row as after a run of whole blocks."""
     drafter = tiny_drafter(qwen3, block_size=BLOCK)
     prompts = [random_prompt(n, seed=n) for n in (12, 7)]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     caches = []
     for lengths in ("full", RandomLengths(BLOCK, 2)):
         decoder = dflash_hf.DFlashDecoder(qwen3, drafter, max_length=64, verify_length=lengths)
@@ -279,13 +278,9 @@ def test_a_drafter_without_write_context_drafts_every_step():
 
 @pytest.mark.adaptive
 def test_auto_is_the_default_of_every_door(qwen3):
-    from transformers import pipeline
-
-    from helpers import tiny_tokenizer
-
     drafter = tiny_drafter(qwen3, block_size=BLOCK)
     prompts = [random_prompt(n, seed=n) for n in (12, 8)]
-    ids, mask = left_padded(prompts)
+    ids, mask = left_pad(prompts)
     expected = expected_rows(qwen3, prompts, 17)
     decoder = dflash_hf.DFlashDecoder(qwen3, drafter, max_length=64)
     out = decoder.generate(ids, mask, max_new_tokens=17, stop_token_ids=[])
@@ -304,13 +299,7 @@ def test_auto_is_the_default_of_every_door(qwen3):
                    eos_token_id=None, pad_token_id=0, dflash_verify_length=2)
     assert drafter._dflash_engine.engine.verify_policy.lengths == (2,)
 
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(p[0]) for p in prompts]
-    reference = pipeline("text-generation", model=qwen3, tokenizer=tokenizer)
-    assisted = pipeline("text-generation", model=qwen3, tokenizer=tokenizer, assistant_model=drafter)
-    assert [g[0]["generated_text"] for g in assisted(texts, max_new_tokens=9, do_sample=False, batch_size=2)] == [
-        reference(t, max_new_tokens=9, do_sample=False)[0]["generated_text"] for t in texts]
+    assert_pipeline_matches_plain(qwen3, drafter, prompts, 9)
 
 
 @pytest.mark.adaptive

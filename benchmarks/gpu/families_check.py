@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import transformers  # noqa: E402
-from helpers import OracleDrafter, random_prompt, tiny_drafter  # noqa: E402
+from helpers import OracleDrafter, left_pad, random_prompt, tiny_drafter  # noqa: E402
 from test_target_families import (  # noqa: E402
     FAMILIES,
     HYBRID_TYPES,
@@ -42,15 +42,6 @@ from test_target_families import (  # noqa: E402
 )
 
 import dflash_hf  # noqa: E402
-
-
-def left_padded(prompts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - p.shape[1]:], mask[r, width - p.shape[1]:] = p[0], 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -77,7 +68,7 @@ def check_case(name: str, target, drafter, layer_ids: list[int], block: int, dev
     drafter = drafter.to(device)
     prompts = [random_prompt(n, seed=n).to(device) for n in (30, 21)]
     expected = [target_greedy(target, p, new) for p in prompts]
-    ids, mask = left_padded(prompts, device)
+    ids, mask = (t.to(device) for t in left_pad([p.cpu() for p in prompts]))
     record: dict = {"case": name, "checks": {}}
 
     def put(check: str, got: list[list[int]], extra: dict | None = None):

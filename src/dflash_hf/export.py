@@ -6,7 +6,7 @@ An exported folder is a complete model repository that needs **no dflash-hf inst
                              z-lab's nested `dflash_config` plus the same keys at the top level
     model.safetensors        z-lab's released weight layout (fc, hidden_norm, layers.N.*, norm; no embedding/head)
     configuration_dflash.py  remote code, copied from the installed `dflash_hf.modeling` package (the single source)
-    modeling_dflash.py, generation_dflash.py, decoding_dflash.py, dflash.py   (idem)
+    modeling_dflash.py, ...  every other `*_dflash.py` and dflash.py of that package (idem)
     custom_generate/         generate.py (`target.generate(custom_generate=REPO, ...)`: plain generate on the engine) and
                              copies of the same remote-code files, because custom_generate code may only import
                              single-dot modules inside custom_generate/
