@@ -5,9 +5,10 @@
 #        (written independently of the training data), stopping at end of turn, batch 1 and 8.
 # pairs: step costs of the released pairs' other shapes, gemma-4-26B-A4B (MoE target, 4 sliding + 1 full drafter) and
 #        Qwen3.5-27B (hybrid linear-attention target), against HF static AR and through the doors. The hybrid needs
-#        transformers >= 5.25: carry .carry/tf/ (transformers-5.25.0 and huggingface_hub-2.5.0 wheels, made with
-#        `pip download --no-deps transformers==5.25.0 huggingface-hub==2.5.0 -d .carry/tf`) and they are put first on
-#        the path; without them the hybrid row reports the engine's clear error.
+#        transformers >= 5.25: carry .carry/tf/ (made with `pip download --no-deps transformers==5.25.0
+#        huggingface-hub==2.5.0 httpx2 httpcore2 truststore -d .carry/tf`: huggingface_hub 2.5 imports httpx2, which the
+#        GPU image lacks) and they are put first on the path; without them the hybrid row reports the engine's clear
+#        error. A machine keeps ignored paths between calls: `rm -rf .carry/tf /tmp/site_tf` before a run on 5.17.
 # families: benchmarks/gpu/families_check.py, losslessness on CUDA (graphs, compile, sampling generator) for every
 #        target family of tests/test_target_families.py and the released pairs' shapes; its builders import pytest,
 #        which the image lacks: carry .carry/pt/ (`pip download pytest -d .carry/pt`, packaging removed).

@@ -167,7 +167,7 @@ def run(args) -> int:
     # Warm both paths once so the timings below do not include first-call setup (the batched route also measures
     # its step costs there, from which it picks how many drafted tokens each step verifies).
     _greedy(target, encoded[0], 4, stops)
-    _dflash(args.route, target, drafter, encoded[0], 12, stops, decoder)
+    _dflash(args.route, target, drafter, encoded[0], min(12, args.max_new_tokens), stops, decoder)
 
     all_same, total_plain, total_dflash, tokens_plain, tokens_dflash, acceptance = True, 0.0, 0.0, 0, 0, []
     with torch.no_grad():
