@@ -12,7 +12,7 @@ download) and measures, per model:
   drafter accepts ~nothing, so tau ~ 1 and steps ~ tokens,
 - optionally (`--hf-static MODEL`) HF's own static-cache compiled `generate` per token,
 
-and the **projection** speedup = tau x t_AR_step / t_step at the published tau (DFLASH.md §12). A projection, not a
+and the **projection** speedup = tau x t_AR_step / t_step at the published tau (docs/DFLASH.md). A projection, not a
 measurement: it assumes the trained drafter reaches the published tau with these step costs.
 
 Models (`--models`):
@@ -63,7 +63,7 @@ from dflash_hf.bench import (
     param_count,
 )
 
-# Published tau (T=0, B=16), DFLASH.md §12: Qwen3-8B transformers backend (GSM8K, MATH500, MT-Bench); gemma-4-26B-A4B
+# Published tau (T=0, B=16), docs/DFLASH.md: Qwen3-8B transformers backend (GSM8K, MATH500, MT-Bench); gemma-4-26B-A4B
 # z-lab model card at concurrency 1 (GSM8K, Math500, MT-Bench).
 PUBLISHED_TAU = {
     "qwen3-8b": {"GSM8K": 6.5, "MATH500": 7.9, "chat (MT-Bench)": 3.7},
@@ -416,7 +416,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
              f"{payload['settings']['steps']} new tokens, stop tokens off, block 16. Times are medians; graphed = "
              "CUDA graph replays timed with CUDA events.",
              "- **Projection, not measurement**: speedup = tau x t_AR_step / t_step at the published tau "
-             "(DFLASH.md §12), t_AR_step = graphed 1-token forward (the fastest AR step; HF's compiled static "
+             "(docs/DFLASH.md), t_AR_step = graphed 1-token forward (the fastest AR step; HF's compiled static "
              "generate is slower, see its column), t_step = our loop's measured steady-state step.", ""]
     mode = "graphed" if payload["settings"]["graphs"] else "eager"
     for rec in payload["models"]:

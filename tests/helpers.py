@@ -5,7 +5,7 @@
 - `OracleDrafter`: a drafter that drafts the target's own greedy continuation (drives the multi-token accept paths).
 - `tiny_tokenizer()`: a real word-level fast tokenizer over the tiny vocabulary, built offline.
 - `write_zlab_checkpoint(folder, spec)`: a folder laid out like a released z-lab drafter (config.json, safetensors,
-  remote-code files), from the `ZLAB_SPECS` shapes (tiny versions of DFLASH.md §8).
+  remote-code files), from the `ZLAB_SPECS` shapes (tiny versions of docs/DFLASH.md, "Released checkpoint shapes").
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def tiny_tokenizer(vocab: int = VOCAB):
 # Released z-lab checkpoints, in tiny
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Tiny versions of DFLASH.md §8: the published target depth, ids, mask id, layer types and extras; small widths.
+# Tiny versions of the released checkpoints (docs/DFLASH.md): the published target depth, ids, mask id, layer types and extras; small widths.
 ZLAB_SPECS = {
     "qwen3-8b-b16": dict(
         target_layers=36, target_layer_ids=[1, 9, 17, 25, 33], mask_token_id=VOCAB - 1,  # past the real tokens
@@ -329,7 +329,7 @@ def zlab_config_dict(spec: dict, *, hidden: int = 32, heads: int = 4, kv_heads: 
 
 
 def zlab_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with the released names and shapes (DFLASH.md §8), bf16, no prefix, no embedding or head."""
+    """Random weights with the released names and shapes (docs/DFLASH.md, "Released config and weight layout"), bf16, no prefix, no embedding or head."""
     g = torch.Generator().manual_seed(seed)
     hidden, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q_out, kv_out = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd

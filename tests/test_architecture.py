@@ -1,4 +1,4 @@
-"""The drafter forward against an independent, written-out re-computation of DFLASH.md §3-§4.
+"""The drafter forward against an independent, written-out re-computation of docs/DFLASH.md ("Drafter forward", "Draft cache")
 
 The reference below reads the weights by their released names, builds RoPE from `rope_theta` itself, writes eager
 attention with explicit masks over absolute positions, and keeps its own context-only K/V cache. Nothing of the
@@ -371,7 +371,7 @@ def test_generate_feeds_committed_rows_at_true_positions(family, monkeypatch):
 
 @pytest.mark.parametrize("corrupt_every", [0, 3])
 def test_zlab_reference_loop_with_transformers_cache(corrupt_every):
-    """z-lab's own loop (DFLASH.md §5) written out: the reference call convention (`target_hidden=`,
+    """z-lab's own loop (docs/DFLASH.md, "z-lab's reference loop") written out: the reference call convention (`target_hidden=`,
     `noise_embedding=`, `is_causal=False`, a tensor back) with transformers' DynamicCache as the draft cache, sliced
     positions `[cache_len : start + B]`, crop to `start` after each call. Greedy output equals the target's."""
     from transformers import DynamicCache

@@ -6,7 +6,7 @@ import pytest
 
 from dflash_hf import DFlashConfig, build_target_layer_ids
 
-# Every published list (DFLASH.md §2): (target depth L, number of ids n) -> ids.
+# Every published list (docs/DFLASH.md, "Context features"): (target depth L, number of ids n) -> ids.
 PUBLISHED_IDS = [
     (36, 5, [1, 9, 17, 25, 33]),  # Qwen3-4B / 8B
     (32, 5, [1, 8, 15, 22, 29]),  # LLaMA-3.1-8B, Qwen3.5-4B / 9B

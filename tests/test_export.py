@@ -125,7 +125,7 @@ def run_isolated(tmp: Path, jobs: list[tuple[Path, list[Path]]], max_new: int = 
 
 def zlab_release(folder: Path, drafter, *, aliased: bool = False) -> Path:
     """A folder laid out like a z-lab release: model_type qwen3, auto_map dflash.DFlashDraftModel, nested
-    dflash_config, bf16 weights without prefix (DFLASH.md §8). `aliased` renames fc/hidden_norm as MuseGlimmer does."""
+    dflash_config, bf16 weights without prefix (docs/DFLASH.md, "Released config and weight layout"). `aliased` renames fc/hidden_norm as MuseGlimmer does."""
     folder.mkdir(parents=True)
     c = drafter.config
     config = {

@@ -121,7 +121,7 @@ def test_mask_id_equal_to_real_token_or_eos(target, mask_is):
     prompt = random_prompt(8, seed=11)
     free = greedy(target, prompt, 40, eos_token_id=None)[0, 8:].tolist()
     position, eos = first_new_token_after(free, 6)
-    # Pitfalls 1 and 2 of DFLASH.md §7: a stop scan over mask-filled slots, or stripping mask ids by value.
+    # docs/DFLASH.md, "Stops and the mask id": a stop scan over mask-filled slots, or stripping mask ids by value.
     mask = free[2] if mask_is == "a generated token" else eos
     expected = greedy(target, prompt, 40, eos_token_id=eos)
     for drafter in (OracleDrafter.for_target(target, block_size=BLOCK, mask_token_id=mask),

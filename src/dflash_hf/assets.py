@@ -33,7 +33,7 @@ CONVERSION_VERSION = 2
 
 BUNDLED_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
 # Special token of SmolLM2's vocabulary that chat answers never contain. SmolLM2's 49,152 embedding rows are all real
-# tokens, so the mask id must be one of them (DFLASH.md §7); outputs are trimmed by length, never by this value.
+# tokens, so the mask id must be one of them (docs/DFLASH.md, "Stops and the mask id"); outputs are trimmed by length, never by this value.
 SMOLLM2_MASK_TOKEN = "<empty_output>"
 
 
@@ -147,7 +147,7 @@ def _transformers_bars_off():
 def convert_smollm2(out_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
     """Dequantise the GGUF once into a bf16 safetensors folder (model + tokenizer) and return that folder.
 
-    Follows the only route that works (ASSETS.md §2): a GGUF-loaded model refuses `save_pretrained`, so we rebuild a
+    Follows the only route that works: a GGUF-loaded model refuses `save_pretrained`, so we rebuild a
     fresh model of the same class from its config without `quantization_config`, load the dequantised state dict
     into it and save that. The folder is written under a temporary name and renamed at the end, so an interrupted
     or concurrent conversion never leaves a half-written cache behind.

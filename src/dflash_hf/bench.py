@@ -57,7 +57,7 @@ from dflash_hf.modeling.decoding_dflash import last_error_line
 from dflash_hf.stops import cut_after_stop, target_stop_ids
 
 # Weight-read bandwidth ceilings of the H200 the lead runs on: HBM3e spec and the device-to-device copy measured there
-# (KINDS.md: ~4.3 TB/s counting bytes read and written).
+# (~4.3 TB/s counting bytes read and written, measured on the H200 by a device copy).
 H200_PEAK_BANDWIDTH = 4.8e12
 H200_COPY_BANDWIDTH = 4.3e12
 LOOP_OVERHEAD_GOAL = 1.15

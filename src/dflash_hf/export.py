@@ -44,7 +44,7 @@ KNOWN_TARGETS = {
                 "vocab_size": 49152},
 }
 
-# z-lab's released weight layout (DFLASH.md §8). Biases are allowed only when the config asks for them.
+# z-lab's released weight layout (docs/DFLASH.md, "Released config and weight layout"). Biases are allowed only when the config asks for them.
 _LAYOUT = re.compile(
     r"^(fc\.weight|hidden_norm\.weight|norm\.weight|"
     r"layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight|"

@@ -16,7 +16,7 @@ from dflash_hf.cli_args import add_device_argument, add_dtype_argument, positive
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
-    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that reverses a string.",
     "List three tips for staying focused while studying.",
 )
 

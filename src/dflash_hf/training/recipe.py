@@ -1,4 +1,4 @@
-"""The DFlash training recipe (DFLASH.md §11): a new drafter config for a target, and the training loop.
+"""The DFlash training recipe (docs/DFLASH.md, "Training recipe"): a new drafter config for a target, and the training loop.
 
 One training step, for a batch of sequences (chat prompt + the target's own response):
 
