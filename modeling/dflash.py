@@ -12,5 +12,6 @@ from .generation_dflash import DFlashStats
 from .integration_dflash import install_generate_integration  # noqa: F401
 from .masks_dflash import drafter_block_masks  # noqa: F401
 from .modeling_dflash import DFlashDraftModel
+from .verify_length_dflash import VerifyLengthPolicy  # noqa: F401
 
 __all__ = ["DFlashConfig", "DFlashDraftModel", "DFlashStats"]

@@ -460,3 +460,25 @@ def test_exported_and_trained_weights_are_readable_like_other_files(exported, tm
         assert modes["model.safetensors"] == want == modes["config.json"], modes
     saved = save_drafter(exported["drafter"], tmp_path / "trained", dtype=None)
     assert stat.S_IMODE((saved / "model.safetensors").stat().st_mode) == want
+
+
+def _relative_imports(path: Path) -> set[str]:
+    return set(re.findall(r"^from \.(\w+) import", path.read_text(), flags=re.M))
+
+
+@pytest.mark.parametrize("entry", ["modeling/modeling_dflash.py", "modeling/dflash.py",
+                                   "src/dflash_hf/data/custom_generate/generate.py"])
+def test_remote_code_entry_files_import_every_module_they_need_directly(entry):
+    """transformers 4.57 copies only the *direct* relative imports of a remote-code file (AutoModel's auto_map entries
+    and custom_generate's generate.py): every module the entry needs, at any depth, must be imported by it directly,
+    or loading from a Hub folder fails with a missing file on 4.57."""
+    root = Path(__file__).resolve().parents[1]
+    modeling = root / "modeling"
+    direct = _relative_imports(root / entry)
+    needed, todo = set(), list(direct)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_relative_imports(modeling / f"{name}.py"))
+    assert needed - {Path(entry).stem} <= direct, f"{entry} lacks direct imports of {sorted(needed - direct)}"

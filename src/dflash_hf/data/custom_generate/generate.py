@@ -23,6 +23,7 @@ from .decoding_dflash import DFlashDecoder  # noqa: F401
 from .generation_dflash import DFlashStats  # noqa: F401
 from .integration_dflash import install_generate_integration
 from .masks_dflash import drafter_block_masks  # noqa: F401
+from .verify_length_dflash import VerifyLengthPolicy  # noqa: F401
 
 
 def generate(model, assistant_model=None, cuda_graphs=None, compile=None, **generate_arguments):
