@@ -22,6 +22,7 @@ speculative sampling stays distribution-preserving whatever length is chosen.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 #: What `verify_length=None` means everywhere (DFlashDecoder, the generate doors): "auto" adapts, "full" verifies the
@@ -58,11 +59,9 @@ class VerifyLengthPolicy:
         self.costs: dict[int, float] | None = None
 
     def for_workspace(self) -> "VerifyLengthPolicy":
-        """A fresh copy with this policy's settings and no history (one per batch size / sampling setting)."""
-        copy = object.__new__(type(self))
-        copy.__dict__.update({k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                              for k, v in self.__dict__.items()})
-        return copy
+        """An independent copy of this policy as given (one per batch size / sampling setting): what one workspace
+        learns never reaches another."""
+        return copy.deepcopy(self)
 
     def set_costs(self, costs: dict[int, float]) -> None:
         missing = [n for n in self.lengths if n not in costs]

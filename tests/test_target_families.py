@@ -217,6 +217,17 @@ def hybrid_pair(model_type: str):
     return target, tiny_drafter(target, layers=2, block_size=6, layer_ids=[0, 3])
 
 
+def released_pair(name: str):
+    """`(target, drafter)` of a released pair's shape: "gemma4", or a hybrid model type (skips the test where this
+    transformers cannot serve it)."""
+    if name == "gemma4":
+        return gemma4_pair()
+    target, drafter = hybrid_pair(name)
+    if drafter is None:
+        pytest.skip("hybrid targets need transformers >= 5.25")
+    return target, drafter
+
+
 @pytest.mark.parametrize("model_type", HYBRID_TYPES)
 def test_hybrid_target_engine_keeps_the_state_of_the_accepted_prefix(model_type):
     """After a run with partial and full acceptances, the engine's per-row linear-attention states equal the states
@@ -309,12 +320,7 @@ def test_graph_capture_restores_everything_a_step_writes(pair, verify_length, mo
     generation: checked here on the first steady step of a run, against every tensor the workspace holds."""
     from dflash_hf.modeling import decoding_dflash
 
-    if pair == "gemma4":
-        target, drafter = gemma4_pair()
-    else:
-        target, drafter = hybrid_pair(pair)
-        if drafter is None:
-            pytest.skip("hybrid targets need transformers >= 5.25")
+    target, drafter = released_pair(pair)
     seen = []
     replay = decoding_dflash._Workspace._replay_step
 

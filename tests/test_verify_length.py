@@ -28,7 +28,7 @@ from helpers import (
 )
 from test_sampling import NEW as SAMPLED_NEW
 from test_sampling import P_THRESHOLD, PROMPT, SETTINGS, chi_square_p, exact_marginals
-from test_target_families import gemma4_pair, hybrid_pair
+from test_target_families import released_pair
 
 import dflash_hf
 from dflash_hf.modeling.modeling_dflash import DFlashDraftCache
@@ -90,12 +90,8 @@ def test_every_fixed_length_is_exact(qwen3, length):
 def test_random_lengths_per_step_are_exact(qwen3, pair, seed):
     if pair == "qwen3":
         target, drafter = qwen3, tiny_drafter(qwen3, block_size=BLOCK)
-    elif pair == "gemma4":
-        target, drafter = gemma4_pair()
     else:
-        target, drafter = hybrid_pair(pair)
-        if drafter is None:
-            pytest.skip("hybrid targets need transformers >= 5.25")
+        target, drafter = released_pair(pair)
     block = drafter.config.block_size
     layer_ids = drafter.config.target_layer_ids
     prompts = [random_prompt(n, seed=n + seed) for n in (14, 9)]
